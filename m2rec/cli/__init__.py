@@ -13,7 +13,10 @@ from m2rec.data.errors import DataError
 # command name -> "module:attribute"; each module owns its commands
 COMMANDS = {
     "data": "m2rec.cli.data:data",
+    "features": "m2rec.cli.features:features",
     "run": "m2rec.cli.run:run",
+    "train": "m2rec.cli.train:train_command",
+    "evaluate": "m2rec.cli.train:evaluate_command",
 }
 
 

@@ -1,0 +1,139 @@
+"""Speed of M2Rec against SASRec and the Mamba4Rec-style baseline at the same width and depth.
+
+For every model and sequence length: one training step (forward + backward + AdamW) and inference (top-10 over
+all items) at batch 256; the median of repeated runs after warm-up, and the peak resident memory. Each case
+runs in its own process (so peak memory is its own) under an address-space limit (an out-of-memory case is
+reported, not fatal). Writes benchmarks/results/speed.json and speed.md and prints the table.
+
+    python benchmarks/speed.py            # lengths 50 .. 2000
+    python benchmarks/speed.py --quick    # length 200 only (under two minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("m2rec", "sasrec", "mamba4rec")
+LENGTHS = (50, 100, 200, 500, 1000, 2000)
+
+
+def measure(model_type: str, length: int, batch: int, num_items: int, repeats: int) -> dict:
+    """Time one case in this process: returns train_step_s, infer_s and peak_mem_mb."""
+    import torch
+
+    from m2rec.model.config import ModelParams
+    from m2rec.model.factory import build_model
+
+    torch.manual_seed(0)
+    params = ModelParams(max_length=length)
+    text = torch.randn(num_items + 1, 384)
+    model = build_model(model_type, num_items, params, text)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    items = torch.randint(1, num_items + 1, (batch, length))
+    targets = torch.randint(1, num_items + 1, (batch, length))
+    lengths = torch.full((batch,), length)
+
+    def train_step() -> None:
+        model.train()
+        hidden = model.encode(items)  # (B, L, H)
+        loss = torch.nn.functional.cross_entropy(model.scores(hidden).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def infer() -> None:
+        model.eval()
+        model(items, lengths).topk(10, dim=1)
+
+    out = {}
+    for name, fn in (("train_step_s", train_step), ("infer_s", infer)):
+        fn()  # warm-up (also builds the scan kernel on first use)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_case(model_type: str, length: int, args: argparse.Namespace) -> dict:
+    """Run one case in a child process with a memory limit; failures come back as {"error": ...}."""
+    command = [sys.executable, __file__, "--case", model_type, str(length), "--batch", str(args.batch),
+               "--items", str(args.items), "--repeats", str(args.repeats)]
+    limit = args.memory_limit_gb * 1024**3
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_memory)
+    if done.returncode != 0:
+        reason = "out of memory" if "memory" in done.stderr.lower() else done.stderr.strip().splitlines()[-1]
+        return {"error": reason}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, lengths) -> str:
+    lines = ["| model | length | train step (s) | inference top-10 (s) | peak memory (MB) |",
+             "|---|---|---|---|---|"]
+    for length in lengths:
+        for model_type in MODELS:
+            r = results[model_type][str(length)]
+            if "error" in r:
+                lines.append(f"| {model_type} | {length} | {r['error']} | | |")
+            else:
+                lines.append(f"| {model_type} | {length} | {r['train_step_s']:.3f} | {r['infer_s']:.3f} | "
+                             f"{r['peak_mem_mb']:.0f} |")
+    lines += ["", "| length | M2Rec/SASRec inference | M2Rec/SASRec train step | M2Rec/Mamba4Rec inference |",
+              "|---|---|---|---|"]
+    for length in lengths:
+        m, s, b = (results[k][str(length)] for k in MODELS)
+        if any("error" in r for r in (m, s, b)):
+            continue
+        lines.append(f"| {length} | {m['infer_s'] / s['infer_s']:.2f} | {m['train_step_s'] / s['train_step_s']:.2f}"
+                     f" | {m['infer_s'] / b['infer_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="length 200 only")
+    parser.add_argument("--lengths", type=int, nargs="*", default=None)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--items", type=int, default=3000, help="catalog size scored at inference")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-limit-gb", type=int, default=16)
+    parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(measure(args.case[0], int(args.case[1]), args.batch, args.items, args.repeats)))
+        return
+    lengths = (200,) if args.quick else tuple(args.lengths or LENGTHS)
+    results: dict = {m: {} for m in MODELS}
+    for length in lengths:
+        for model_type in MODELS:
+            results[model_type][str(length)] = run_case(model_type, length, args)
+            print(f"{model_type:>10} L={length:<5} {results[model_type][str(length)]}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"batch": args.batch, "items": args.items, "repeats": args.repeats, "machine": platform.processor()
+            or platform.machine(), "command": " ".join(sys.argv)}
+    name = "speed_quick" if args.quick else "speed"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
+    text = table(results, lengths)
+    (RESULTS / f"{name}.md").write_text(f"Command: `{meta['command']}`\n\n{text}\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Model hyperparameters (section `model` of params.yaml). Defaults follow Mamba4Rec's published config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL_TYPES = ("m2rec", "sasrec", "mamba4rec")
+
+
+@dataclass
+class ModelParams:
+    """Width, depth and regularisation shared by every model, plus M2Rec's branch switches."""
+
+    hidden_size: int = 64
+    num_layers: int = 1  # Mamba layers per scale (M2Rec, Mamba4Rec) or Transformer blocks (SASRec uses 2)
+    d_state: int = 32
+    d_conv: int = 4
+    expand: int = 2
+    dropout: float = 0.2
+    max_length: int = 200
+    # SASRec
+    sasrec_layers: int = 2
+    num_heads: int = 2
+    # M2Rec: each temporal scale is a Mamba stack initialised to a different time-step range (dt_min, dt_max):
+    # small steps keep a long memory, large steps react to the last few items.
+    scales: list[list[float]] = field(default_factory=lambda: [[0.001, 0.1], [0.1, 1.0]])
+    use_frequency: bool = True
+    use_text: bool = True
+    gate: str = "learned"  # "learned" (per-position softmax gate) or "mean" (fixed equal weights)
+
+    def __post_init__(self) -> None:
+        if self.gate not in ("learned", "mean"):
+            raise ValueError(f"model.gate must be 'learned' or 'mean', got {self.gate!r}")
+        if not self.scales:
+            raise ValueError("model.scales needs at least one [dt_min, dt_max] pair")
