@@ -80,10 +80,8 @@ class Recommender:
             items, lengths = items.to(self.device), lengths.to(self.device)
             gates = None
             if hasattr(self.model, "encode_with_gates"):
-                hidden, gate_weights = self.model.encode_with_gates(items)  # (B, L, H), (B, L, n_branches)
-                last = (lengths - 1).view(-1, 1, 1)
-                hidden = hidden.gather(1, last.expand(-1, 1, hidden.shape[-1])).squeeze(1)  # (B, H)
-                gates = gate_weights.gather(1, last.expand(-1, 1, gate_weights.shape[-1])).squeeze(1)
+                hidden, gates = self.model.encode_with_gates(items, lengths)  # (B, 1, H), (B, 1, n_branches)
+                hidden, gates = hidden.squeeze(1), gates.squeeze(1)
             else:
                 hidden = self.model.last_hidden(items, lengths)
             scores = self.model.scores(hidden).float()  # (B, I+1)

@@ -46,6 +46,16 @@ def test_future_items_never_change_the_past(name):
         assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the future does matter downstream
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_last_position_path_equals_full_encoding(name):
+    model = make(name)
+    items = torch.randint(1, NUM_ITEMS + 1, (4, 15))
+    lengths = torch.tensor([15, 9, 1, 4])
+    items[torch.arange(15).unsqueeze(0) >= lengths.unsqueeze(1)] = 0  # right padding
+    full = model.encode(items)[torch.arange(4), lengths - 1]  # (B, H)
+    torch.testing.assert_close(model.last_hidden(items, lengths), full, rtol=0, atol=1e-10)
+
+
 def test_right_padding_does_not_change_real_positions():
     model = make("m2rec")
     items = torch.randint(1, NUM_ITEMS + 1, (2, 10))

@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each row's last real position of right-padded states: (B, L, H), (B,) -> (B, 1, H)."""
+    index = (lengths - 1).clamp_min(0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, index)
+
+
 class SequentialRecommender(nn.Module):
     """Base class: `encode` maps right-padded item sequences (B, L) to hidden states (B, L, H); items are
     scored by a dot product with `item_representations()` (tied to the input embeddings)."""
@@ -33,10 +39,9 @@ class SequentialRecommender(nn.Module):
         return hidden @ self.item_representations().t()
 
     def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Hidden state at each sequence's last real position: (B, L), (B,) -> (B, H)."""
-        hidden = self.encode(items)  # (B, L, H)
-        index = (lengths - 1).clamp_min(0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-        return hidden.gather(1, index).squeeze(1)
+        """Hidden state at each sequence's last real position: (B, L), (B,) -> (B, H). Models override this to
+        skip position-wise work at positions whose output is not needed."""
+        return gather_last(self.encode(items), lengths).squeeze(1)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Next-item logits after each sequence: (B, L), (B,) -> (B, num_items + 1)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from m2rec.model.base import gather_last
+
 
 class CausalFourierFilter(nn.Module):
     """Learnable per-channel frequency response, applied as a causal FFT convolution over the sequence."""
@@ -42,3 +44,14 @@ class CausalFourierFilter(nn.Module):
         kernel_spectrum = torch.fft.rfft(self.kernel(length, dtype), n=n, dim=0)  # (L+1, H)
         filtered = torch.fft.irfft(spectrum * kernel_spectrum, n=n, dim=1)[:, :length]  # (B, L, H)
         return self.norm(x + self.dropout(filtered.to(x.dtype)))
+
+    def forward_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Only each row's last real position: x (B, L, H), lengths (B,) -> (B, 1, H); a direct O(L) dot
+        product with the causal kernel, the same value `forward` gives there."""
+        length = x.shape[1]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        lags = (lengths.view(-1, 1) - 1) - torch.arange(length, device=x.device)  # (B, L): lag of position s
+        weights = self.kernel(length, dtype)[lags.clamp(0, length - 1)]  # (B, L, H)
+        weights = weights.masked_fill((lags < 0).unsqueeze(-1), 0.0)  # positions after the last see nothing
+        filtered = (weights * x.to(dtype)).sum(1, keepdim=True)  # (B, 1, H)
+        return self.norm(gather_last(x, lengths) + self.dropout(filtered.to(x.dtype)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from m2rec.model.base import gather_last
 from m2rec.model.mamba_block import Mamba
 
 
@@ -37,8 +38,11 @@ class MambaLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.ffn = FeedForward(hidden_size, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, L, H)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, H) -> (B, L, H); with `lengths`, only each row's last real position -> (B, 1, H)."""
         hidden = self.dropout(self.mamba(x))
+        if lengths is not None:  # the feed-forward is position-wise: run it where the output is used
+            hidden, x = gather_last(hidden, lengths), gather_last(x, lengths)
         hidden = self.norm(hidden + x if self.residual else hidden)
         return self.ffn(hidden)
 
@@ -51,3 +55,10 @@ def mamba_stack(hidden_size: int, num_layers: int, d_state: int, d_conv: int, ex
                    dt_max=dt_max)
         for _ in range(num_layers)
     ])
+
+
+def run_stack(stack: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply Mamba layers; with `lengths`, the last layer returns only the last real positions (B, 1, H)."""
+    for layer in stack[:-1]:
+        x = layer(x)
+    return stack[-1](x, lengths)

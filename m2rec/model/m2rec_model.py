@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from m2rec.model.base import SequentialRecommender
+from m2rec.model.base import SequentialRecommender, gather_last
 from m2rec.model.config import ModelParams
 from m2rec.model.frequency import CausalFourierFilter
-from m2rec.model.layers import FeedForward, mamba_stack
+from m2rec.model.layers import FeedForward, mamba_stack, run_stack
 
 BRANCHES = ("temporal", "frequency", "semantic")
 
@@ -40,11 +40,9 @@ class M2Rec(SequentialRecommender):
             for dt_min, dt_max in params.scales
         )
         self.scale_mix = nn.Linear(hidden * len(params.scales), hidden) if len(params.scales) > 1 else None
-        self.frequency = (
-            nn.Sequential(CausalFourierFilter(hidden, params.max_length, params.dropout),
-                          FeedForward(hidden, params.dropout))
-            if params.use_frequency else None
-        )
+        if params.use_frequency:
+            self.frequency_filter = CausalFourierFilter(hidden, params.max_length, params.dropout)
+            self.frequency_ffn = FeedForward(hidden, params.dropout)
         if params.use_text:
             if item_text_embeddings is None or item_text_embeddings.shape[0] != num_items + 1:
                 raise ValueError("use_text needs item_text_embeddings of shape (num_items + 1, text_dim)")
@@ -66,23 +64,32 @@ class M2Rec(SequentialRecommender):
         text = text.masked_fill(torch.arange(len(text), device=text.device).unsqueeze(1) == 0, 0.0)
         return self.item_embedding.weight + text
 
-    def encode_with_gates(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) -> hidden (B, L, H) and gate weights (B, L, n_branches) over `self.branch_names`."""
+    def encode_with_gates(self, items: torch.Tensor, lengths: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) -> hidden (B, L, H) and gate weights (B, L, n_branches) over `self.branch_names`. With
+        `lengths`, only each row's last real position is returned (B, 1, ...): the sequence-mixing parts run
+        over the whole history, the position-wise parts only where the output is used."""
         embedded = self.norm(self.dropout(self.item_embedding(items)))  # (B, L, H)
-        per_scale = [stack(embedded) for stack in self.scales]  # n_scales x (B, L, H)
+        per_scale = [run_stack(stack, embedded, lengths) for stack in self.scales]  # n_scales x (B, L|1, H)
         temporal = self.scale_mix(torch.cat(per_scale, -1)) if self.scale_mix is not None else per_scale[0]
         branches = [temporal]
-        if self.frequency is not None:
-            branches.append(self.frequency(embedded))
+        if self.params.use_frequency:
+            filtered = (self.frequency_filter(embedded) if lengths is None
+                        else self.frequency_filter.forward_last(embedded, lengths))
+            branches.append(self.frequency_ffn(filtered))
         if self.params.use_text:
-            branches.append(self.dropout(self.text_input(self.item_text[items])))  # (B, L, H)
-        stacked = torch.stack(branches, dim=-2)  # (B, L, n_branches, H)
+            current = items if lengths is None else items.gather(1, (lengths - 1).view(-1, 1))  # (B, L|1)
+            branches.append(self.dropout(self.text_input(self.item_text[current])))
+        stacked = torch.stack(branches, dim=-2)  # (B, L|1, n_branches, H)
         if self.gate is not None:
-            gates = torch.softmax(self.gate(stacked.flatten(-2)), dim=-1)  # (B, L, n_branches)
+            gates = torch.softmax(self.gate(stacked.flatten(-2)), dim=-1)  # (B, L|1, n_branches)
         else:
             gates = stacked.new_full(stacked.shape[:-1], 1.0 / len(branches))
-        fused = (gates.unsqueeze(-1) * stacked).sum(-2)  # (B, L, H)
+        fused = (gates.unsqueeze(-1) * stacked).sum(-2)  # (B, L|1, H)
         return self.output_norm(fused), gates
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, H)
         return self.encode_with_gates(items)[0]
+
+    def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # -> (B, H)
+        return self.encode_with_gates(items, lengths)[0].squeeze(1)

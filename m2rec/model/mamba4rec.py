@@ -7,7 +7,7 @@ from torch import nn
 
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import ModelParams
-from m2rec.model.layers import mamba_stack
+from m2rec.model.layers import mamba_stack, run_stack
 
 
 class Mamba4Rec(SequentialRecommender):
@@ -23,4 +23,7 @@ class Mamba4Rec(SequentialRecommender):
                                   params.expand, params.dropout)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, H)
-        return self.layers(self.norm(self.dropout(self.item_embedding(items))))
+        return run_stack(self.layers, self.norm(self.dropout(self.item_embedding(items))))
+
+    def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # -> (B, H)
+        return run_stack(self.layers, self.norm(self.dropout(self.item_embedding(items))), lengths).squeeze(1)

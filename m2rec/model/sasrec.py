@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from m2rec.model.base import SequentialRecommender
+from m2rec.model.base import SequentialRecommender, gather_last
 from m2rec.model.config import ModelParams
 
 
@@ -25,9 +25,27 @@ class SASRec(SequentialRecommender):
         )
         self.blocks = nn.TransformerEncoder(block, params.sasrec_layers, enable_nested_tensor=False)
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, H)
+    def _embed(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) -> embedded input (B, L, H) and the causal attention mask (L, L)."""
         length = items.shape[1]
         positions = torch.arange(length, device=items.device)
         hidden = self.dropout(self.norm(self.item_embedding(items) + self.position_embedding(positions)))
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=items.device, dtype=hidden.dtype)
+        return hidden, causal
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, H)
+        hidden, causal = self._embed(items)
         return self.blocks(hidden, mask=causal, is_causal=True)
+
+    def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # -> (B, H)
+        """The last block runs only for each row's last real position (its query), over all earlier keys."""
+        hidden, causal = self._embed(items)
+        for block in self.blocks.layers[:-1]:
+            hidden = block(hidden, src_mask=causal, is_causal=True)
+        block = self.blocks.layers[-1]
+        query = gather_last(hidden, lengths)  # (B, 1, H)
+        padding = torch.arange(items.shape[1], device=items.device).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, L)
+        attended = block.self_attn(query, hidden, hidden, key_padding_mask=padding, need_weights=False)[0]
+        x = block.norm1(query + block.dropout1(attended))
+        x = block.norm2(x + block.dropout2(block.linear2(block.dropout(block.activation(block.linear1(x))))))
+        return x.squeeze(1)

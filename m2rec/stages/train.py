@@ -15,7 +15,7 @@ from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model, load_model, read_model_config, save_model
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
-from m2rec.training.trainer import TrainParams, choose_device, is_main_process, train_model
+from m2rec.training.trainer import TrainParams, TrainResult, choose_device, is_main_process, train_model
 from m2rec.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,32 @@ def evaluate_split(model: SequentialRecommender, data: PreparedDataset, split: s
     return metrics_from_ranks(ranks), ranks
 
 
+def text_matrix(data: PreparedDataset, model_type: str, model_params: ModelParams, text_params: TextEncoderParams,
+                item_text_embeddings: np.ndarray | None = None) -> torch.Tensor | None:
+    """The (num_items + 1, T) text matrix when the model uses item text (computed and cached if not given)."""
+    if model_type != "m2rec" or not model_params.use_text:
+        return None
+    if item_text_embeddings is None:
+        item_text_embeddings = embed_texts(data.items["text"].tolist(), text_params)
+    return item_text_matrix(data.items, item_text_embeddings)
+
+
+def fit(data: PreparedDataset, model_type: str, model_params: ModelParams, train_params: TrainParams,
+        checkpoint_dir: str | Path, text: torch.Tensor | None = None, resume: bool = False,
+        train_sequences: list[np.ndarray] | None = None) -> tuple[SequentialRecommender, TrainResult]:
+    """Build and train a model on `data` (or on `train_sequences` instead of its training split), selecting
+    the epoch by validation NDCG@10; returns the model with its best weights and the training record."""
+    torch.manual_seed(train_params.seed)
+    model = build_model(model_type, data.num_items, model_params, text)
+    log.info("training %s (%d parameters) on %d users, %d items", model_type,
+             sum(p.numel() for p in model.parameters() if p.requires_grad), data.num_users, data.num_items)
+    valid_histories, valid_targets = data.histories("valid")
+    sequences = data.train_sequences() if train_sequences is None else train_sequences
+    result = train_model(model, sequences, valid_histories, valid_targets, train_params, checkpoint_dir,
+                         resume=resume)
+    return model, result
+
+
 def train(
     data_dir: str | Path,
     output_dir: str | Path,
@@ -58,18 +84,8 @@ def train(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     data = PreparedDataset.load(data_dir)
-    torch.manual_seed(train_params.seed)
-    text = None
-    if model_type == "m2rec" and model_params.use_text:
-        if item_text_embeddings is None:
-            item_text_embeddings = embed_texts(data.items["text"].tolist(), text_params)
-        text = item_text_matrix(data.items, item_text_embeddings)
-    model = build_model(model_type, data.num_items, model_params, text)
-    log.info("training %s (%d parameters) on %d users, %d items", model_type,
-             sum(p.numel() for p in model.parameters() if p.requires_grad), data.num_users, data.num_items)
-    valid_histories, valid_targets = data.histories("valid")
-    result = train_model(model, data.train_sequences(), valid_histories, valid_targets, train_params, output,
-                         resume=resume)
+    text = text_matrix(data, model_type, model_params, text_params, item_text_embeddings)
+    model, result = fit(data, model_type, model_params, train_params, output, text, resume=resume)
     if not is_main_process():  # rank 0 of a data-parallel run evaluates and writes
         return {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
     valid, _ = evaluate_split(model, data, "valid", train_params.mask_history, train_params.eval_batch_size)
