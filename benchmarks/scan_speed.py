@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -75,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     inputs = {
         "u": torch.randn(BATCH, D_INNER, LENGTH),
@@ -107,7 +109,7 @@ def main() -> None:
 
     width = max(len(k) for k in rows)
     print(f"forward+backward, batch={BATCH}, L={LENGTH}, d_inner={D_INNER}, "
-          f"d_state={D_STATE}, threads={args.threads}")
+          f"d_state={D_STATE}, threads={args.threads}, load average before={load_before}")
     print(f"{'':{width}}  {'median s':>9}  {'min s':>9}")
     for name, r in rows.items():
         print(f"{name:{width}}  {r['median_s']:9.4f}  {r['min_s']:9.4f}")
@@ -121,6 +123,11 @@ def main() -> None:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "kernel_avx2": bool(kernel.m2rec_ss_uses_avx2()) if kernel is not None else None,
+        "transformer_layer": {"d_model": D_MODEL, "nhead": 2, "dim_feedforward": 2048,
+                              "dropout": 0.1, "mode": "train"},
+        # other processes share the CPUs: the 1-minute load average before/after the run
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "selective_scan",
@@ -248,6 +249,7 @@ class _TorchScanCore(torch.autograd.Function):
         return yT.permute(1, 2, 0).contiguous(), h
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, gy: Optional[Tensor], glast: Optional[Tensor]
     ) -> Tuple[Optional[Tensor], ...]:
@@ -539,6 +541,7 @@ class _CScanCore(torch.autograd.Function):
         return y, last
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, gy: Optional[Tensor], glast: Optional[Tensor]
     ) -> Tuple[Optional[Tensor], ...]:
