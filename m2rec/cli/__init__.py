@@ -14,6 +14,7 @@ from m2rec.data.errors import DataError
 COMMANDS = {
     "data": "m2rec.cli.data:data",
     "features": "m2rec.cli.features:features",
+    "pipeline": "m2rec.cli.pipeline:pipeline",
     "run": "m2rec.cli.run:run",
     "train": "m2rec.cli.train:train_command",
     "evaluate": "m2rec.cli.train:evaluate_command",

@@ -1,20 +1,16 @@
-"""`m2rec run`: the main job on the embedded default dataset."""
+"""`m2rec run`: the main job. The whole Kubeflow pipeline, run here with kfp.local, on the embedded synthetic
+dataset by default (`--data PATH --format FMT` for another); ends with the metrics, the registered model version
+and alias, the Bento tag and the `bentoml serve` command."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
+
+from m2rec.cli.pipeline import local_run_options, run_locally
 
 
 @click.command("run")
-@click.option("--workdir", default="artifacts", show_default=True, type=click.Path(),
-              help="Where the job writes its outputs.")
-def run(workdir: str) -> None:
-    """Prepare the embedded synthetic dataset and print its statistics."""
-    from m2rec.data.sources import SourceSpec
-    from m2rec.stages.prepare import prepare
-
-    stats = prepare(SourceSpec("synthetic"), Path(workdir) / "data")
-    click.echo(json.dumps({k: stats[k] for k in ("source", "before_filter", "after_filter", "split")}, indent=2))
+@local_run_options
+def run(**options) -> None:
+    """Prepare, validate, build features, train, evaluate, register and package: the pipeline, locally."""
+    run_locally(**options)

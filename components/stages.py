@@ -1,0 +1,232 @@
+"""One Kubeflow component per stage, each a thin wrapper over the `m2rec` function the CLI calls.
+
+Components pass typed artifacts (Dataset, Model, Metrics, Markdown, HTML); parameters are plain values, and
+`params_json` is the whole params.yaml as JSON text (JSON, not a dict parameter: KFP turns a dict's integers into
+floats). These are lightweight components: KFP ships each function's source alone, so every import sits inside
+its body. `build_components` wraps them for an image; no `from __future__ import annotations` here, KFP reads
+the annotations as types.
+"""
+
+from types import SimpleNamespace
+from typing import List, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def prepare(source_format: str, source_input: str, source_items: str, source_columns: str,
+            source_item_columns: str, source_encoding: str, params_json: str,
+            dataset: Output[Dataset]) -> NamedTuple("PrepareOutputs", dataset_version=str, lineage_json=str):
+    """Read the source, k-core filter and split it (m2rec.stages.prepare); record the input's DVC hash."""
+    import json
+    import logging
+
+    from m2rec.data.prepare import PrepareParams
+    from m2rec.data.sources import SourceSpec
+    from m2rec.data.synthetic import SyntheticParams
+    from m2rec.params import section
+    from m2rec.pipeline.lineage import write_lineage
+    from m2rec.stages.prepare import prepare as prepare_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = json.loads(params_json)
+    source = SourceSpec(source_format, source_input or None, source_items or None, source_columns or None,
+                        source_item_columns or None, source_encoding or None)
+    stats = prepare_stage(source, dataset.path, section(params, "prepare", PrepareParams),
+                          section(params, "synthetic", SyntheticParams))
+    lineage = write_lineage(source, dataset.path, stats)
+    dataset.metadata.update({"dataset_version": stats["dataset_version"], "dvc_md5": lineage["dvc_md5"] or "",
+                             **{k: v for k, v in stats["after_filter"].items()}})
+    return NamedTuple("PrepareOutputs", dataset_version=str, lineage_json=str)(
+        stats["dataset_version"], json.dumps(lineage))
+
+
+def validate(dataset: Input[Dataset], params_json: str, report: Output[Markdown]):
+    """Check the tables with Great Expectations (m2rec.stages.validate); a failure fails the task, which stops the
+    pipeline before training. The Markdown report is written either way (and printed on failure)."""
+    import json
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from m2rec.params import section
+    from m2rec.stages.validate import validate as validate_stage
+    from m2rec.validation.report import REPORT_NAME
+    from m2rec.validation.suites import ValidationParams
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = section(json.loads(params_json), "validation", ValidationParams)
+    report_dir = Path(report.path).with_name("validation")  # report.md and results.json, beside the artifact
+    try:
+        summary = validate_stage(dataset.path, params, report_dir)
+    finally:
+        if (report_dir / REPORT_NAME).is_file():
+            shutil.copyfile(report_dir / REPORT_NAME, report.path)
+    report.metadata.update({"success": summary["success"], "expectations": len(summary["results"])})
+
+
+def features(dataset: Input[Dataset], params_json: str, feature_repo: str,
+             embeddings: Output[Dataset]) -> NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int):
+    """Embed item texts, write the Feast offline tables, apply and materialize (m2rec.stages.features); pass the
+    item embeddings the store now holds on to training, so training and serving use the same vectors."""
+    import json
+    import logging
+
+    import numpy as np
+
+    from m2rec.features.repo import FeatureParams
+    from m2rec.features.store import FeatureClient
+    from m2rec.params import section
+    from m2rec.stages.features import build_features
+    from m2rec.text.embeddings import TextEncoderParams
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = json.loads(params_json)
+    summary = build_features(dataset.path, feature_repo, section(params, "features", FeatureParams),
+                             section(params, "text", TextEncoderParams))
+    item_idx, vectors = FeatureClient(feature_repo).item_embeddings()  # (N,), (N, dim)
+    with open(embeddings.path, "wb") as file:
+        np.savez(file, item_idx=item_idx, embeddings=vectors)
+    embeddings.metadata.update({"feature_repo": feature_repo, "text_model": summary["text_model"],
+                                "embedding_dim": summary["embedding_dim"]})
+    counts = summary["counts"]
+    return NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int)(
+        counts["users"], counts["items"], summary["embedding_dim"])
+
+
+def train(dataset: Input[Dataset], embeddings: Input[Dataset], model_type: str, epochs: int, params_json: str,
+          model: Output[Model], metrics: Output[Metrics],
+          curves: Output[HTML]) -> NamedTuple("TrainOutputs", best_epoch=int, epochs_run=int, train_seconds=float):
+    """Train `model_type` (m2rec.stages.train.train) with the feature store's item embeddings; `epochs` > 0
+    overrides train.epochs. A retried task resumes from the checkpoint in its output when there is one."""
+    import json
+    import logging
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from m2rec.model.config import ModelParams
+    from m2rec.params import section
+    from m2rec.pipeline.reports import training_curves_html
+    from m2rec.stages.train import HISTORY_FILE
+    from m2rec.stages.train import train as train_stage
+    from m2rec.text.embeddings import TextEncoderParams
+    from m2rec.training.trainer import TrainParams
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = json.loads(params_json)
+    stored = np.load(embeddings.path)
+    row_of = {int(idx): row for row, idx in enumerate(stored["item_idx"])}
+    item_idx = pd.read_parquet(Path(dataset.path) / "items.parquet", columns=["item_idx"])["item_idx"]
+    item_text_embeddings = stored["embeddings"][[row_of[int(i)] for i in item_idx]]  # items.parquet order
+    result = train_stage(
+        dataset.path, model.path, model_type, section(params, "model", ModelParams),
+        section(params, "train", TrainParams, epochs=epochs if epochs > 0 else None, progress=False),
+        section(params, "text", TextEncoderParams), resume=True, item_text_embeddings=item_text_embeddings)
+    for split in ("valid", "test"):
+        for name, value in result[split].items():
+            metrics.log_metric(f"{split}_{name}", float(value))
+    history = json.loads((Path(model.path) / HISTORY_FILE).read_text())
+    Path(curves.path).write_text(training_curves_html(history, f"{model_type} training curves"))
+    model.metadata.update({"model_type": model_type, "dataset_version": result["dataset_version"],
+                           "best_epoch": result["best_epoch"]})
+    return NamedTuple("TrainOutputs", best_epoch=int, epochs_run=int, train_seconds=float)(
+        int(result["best_epoch"]), int(result["epochs_run"]), float(result["train_seconds"]))
+
+
+def evaluate(dataset: Input[Dataset], model: Input[Model], params_json: str, gate_metric: str,
+             gate_threshold: float, metrics: Output[Metrics], report: Output[Markdown]
+             ) -> NamedTuple("EvaluateOutputs", passed=bool, score=float, evaluation_json=str):
+    """Full-ranking metrics of the trained model (m2rec.stages.train.evaluate) and the registration gate:
+    `gate_metric` ("split/metric") must reach `gate_threshold`."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from m2rec.params import section
+    from m2rec.pipeline.reports import evaluation_markdown, gate_value
+    from m2rec.stages.train import evaluate as evaluate_stage
+    from m2rec.training.trainer import TrainParams
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train_params = section(json.loads(params_json), "train", TrainParams)
+    result = evaluate_stage(model.path, dataset.path, train_params.mask_history)
+    score = gate_value(result, gate_metric)
+    gate = {"metric": gate_metric, "value": score, "threshold": gate_threshold, "passed": score >= gate_threshold}
+    for split in ("valid", "test"):
+        for name, value in result[split].items():
+            metrics.log_metric(f"{split}_{name}", float(value))
+    Path(report.path).write_text(evaluation_markdown(result, gate))
+    logging.getLogger("m2rec.pipeline").info("gate %s = %.4f, threshold %s: %s", gate_metric, score,
+                                             gate_threshold, "passed" if gate["passed"] else "failed")
+    return NamedTuple("EvaluateOutputs", passed=bool, score=float, evaluation_json=str)(
+        bool(gate["passed"]), float(score), json.dumps({**result, "gate": gate}))
+
+
+def register(model: Input[Model], dataset: Input[Dataset], tracking_uri: str, model_name: str,
+             experiment: str) -> str:
+    """Log the model to MLflow and register a version (m2rec.stages.register); the `champion` alias moves only
+    when the new version wins. Tags the run with the dataset's lineage (DVC hash). Returns the registration
+    (run_id, version, alias, champion_version, model_uri) as JSON."""
+    import json
+    import logging
+
+    from m2rec.pipeline.lineage import tag_run
+    from m2rec.stages.register import register as register_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    registration = register_stage(model.path, tracking_uri or None, model_name, experiment, data_dir=dataset.path)
+    # the dataset version (stats.json's content hash and the input's DVC hash) as run tags
+    tags = tag_run(registration["tracking_uri"], registration["run_id"], dataset.path)
+    return json.dumps({"model_name": model_name, **registration, "dataset_tags": tags}, default=str)
+
+
+def package(registration_json: str, tracking_uri: str, model_name: str, bentoml_home: str,
+            feature_repo: str) -> str:
+    """Build a Bento of the current champion (m2rec.stages.package). Returns bento_tag, bentoml_model_tag and
+    the `bentoml serve` command."""
+    import json
+    import logging
+
+    from m2rec.stages.package import package as package_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    registration = json.loads(registration_json)  # also orders this step after registration
+    logging.getLogger("m2rec.pipeline").info("packaging the champion of %s (new version %s is %s)", model_name,
+                                             registration.get("version"), registration.get("alias"))
+    bento = package_stage(f"models:/{model_name}@champion", tracking_uri or None, bentoml_home or None,
+                          feature_repo or None, build=True)
+    return json.dumps(bento, default=str)
+
+
+def summarize(evaluation_json: str, lineage_json: str, registration_json: str, package_json: str) -> str:
+    """The run's summary as JSON: evaluation and gate, dataset version, registration and Bento (empty when the
+    gate failed)."""
+    import json
+
+    evaluation = json.loads(evaluation_json)
+    lineage = json.loads(lineage_json)
+    summary = {
+        "evaluation": {k: v for k, v in evaluation.items() if k != "gate"},
+        "gate": evaluation["gate"],
+        "dataset_version": lineage.get("dataset_version"),
+        "dvc_md5": lineage.get("dvc_md5"),
+        "source": lineage.get("source_name"),
+        "registration": json.loads(registration_json) if registration_json else None,
+        "package": json.loads(package_json) if package_json else None,
+    }
+    print(json.dumps(summary, indent=2))
+    return json.dumps(summary)
+
+
+STAGES = (prepare, validate, features, train, evaluate, register, package, summarize)
+
+
+def build_components(image: str, packages: List[str]) -> SimpleNamespace:
+    """The components for one image: `packages` are pip-installed at start (none: the image holds m2rec and kfp)."""
+    return SimpleNamespace(**{
+        stage.__name__: dsl.component(stage, base_image=image, packages_to_install=list(packages) or None,
+                                      install_kfp_package=False)
+        for stage in STAGES
+    })
