@@ -24,6 +24,8 @@ class ModelParams:
     # M2Rec: each temporal scale is a Mamba stack initialised to a different time-step range (dt_min, dt_max):
     # small steps keep a long memory, large steps react to the last few items.
     scales: list[list[float]] = field(default_factory=lambda: [[0.001, 0.1], [0.1, 1.0]])
+    scale_d_state: int | None = None  # state size of each temporal scale (None: d_state)
+    scale_expand: int | None = None  # channel expansion of each temporal scale (None: expand)
     use_frequency: bool = True
     use_text: bool = True
     gate: str = "learned"  # "learned" (per-position softmax gate) or "mean" (fixed equal weights)

@@ -35,8 +35,8 @@ class M2Rec(SequentialRecommender):
         self.dropout = nn.Dropout(params.dropout)
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.scales = nn.ModuleList(
-            mamba_stack(hidden, params.num_layers, params.d_state, params.d_conv, params.expand, params.dropout,
-                        dt_min=dt_min, dt_max=dt_max)
+            mamba_stack(hidden, params.num_layers, params.scale_d_state or params.d_state, params.d_conv,
+                        params.scale_expand or params.expand, params.dropout, dt_min=dt_min, dt_max=dt_max)
             for dt_min, dt_max in params.scales
         )
         self.scale_mix = nn.Linear(hidden * len(params.scales), hidden) if len(params.scales) > 1 else None
