@@ -1,4 +1,4 @@
-"""`m2rec data ...`: prepare (and, later, validate) datasets."""
+"""`m2rec data ...`: prepare and validate datasets."""
 
 from __future__ import annotations
 
@@ -48,3 +48,21 @@ def prepare_command(fmt, input_path, output, items, columns, item_columns, encod
         section(params, "synthetic", SyntheticParams, n_users=n_users, n_items=n_items, seed=seed),
     )
     click.echo(json.dumps({k: stats[k] for k in ("source", "before_filter", "after_filter", "split")}, indent=2))
+
+
+@data.command("validate")
+@click.option("--input", "input_dir", required=True, type=click.Path(),
+              help="Folder of canonical tables written by `m2rec data prepare`.")
+@click.option("--report-dir", type=click.Path(),
+              help="Where report.md and results.json go [default: INPUT/validation].")
+@click.option("--params", "params_path", type=click.Path(), help="params.yaml (section `validation`).")
+def validate_command(input_dir, report_dir, params_path) -> None:
+    """Check the tables with Great Expectations; exit status 2 and a report naming the failures if any fail."""
+    from pathlib import Path
+
+    from m2rec.stages.validate import validate
+    from m2rec.validation.suites import ValidationParams
+
+    summary = validate(input_dir, section(read_params(params_path), "validation", ValidationParams),
+                       Path(report_dir) if report_dir else None)
+    click.echo(json.dumps({k: summary[k] for k in ("success", "counts", "report")}, indent=2))
