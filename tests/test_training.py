@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from m2rec.evaluation.metrics import metrics_from_ranks, target_ranks
 from m2rec.inference import Recommender
+from m2rec.model.config import ModelParams
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
 from m2rec.training.trainer import TrainParams
@@ -54,8 +55,6 @@ def write_params(path: Path, epochs: int, **model) -> Path:
 
 @pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "mamba4rec"])
 def test_training_beats_chance_and_evaluate_reproduces_metrics(model_type, tiny_synthetic, tmp_path):
-    from m2rec.model.config import ModelParams
-
     metrics = train(tiny_synthetic, tmp_path / "m", model_type, ModelParams(**FAST),
                     TrainParams(epochs=4, batch_size=32, progress=False))
     n_items = len(pd.read_parquet(tiny_synthetic / "items.parquet"))
@@ -109,3 +108,20 @@ def test_torchrun_data_parallel_on_cpu(tiny_synthetic, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["valid"]["HR@10"] > 0
+
+
+def test_training_reads_features_through_feast(tiny_synthetic, tmp_path):
+    from m2rec.data.prepared import PreparedDataset
+    from m2rec.stages.features import build_features
+    from m2rec.stages.train import features_from_store
+    from m2rec.text.embeddings import embed_texts
+
+    repo = tmp_path / "repo"
+    build_features(tiny_synthetic, repo)
+    data = PreparedDataset.load(tiny_synthetic)
+    sequences, embeddings = features_from_store(repo, data)
+    assert [s.tolist() for s in sequences] == [s.tolist() for s in data.train_sequences()]
+    np.testing.assert_allclose(embeddings, embed_texts(data.items["text"].tolist()), atol=1e-6)
+    metrics = train(tiny_synthetic, tmp_path / "m", "m2rec", ModelParams(**FAST),
+                    TrainParams(epochs=1, batch_size=32, progress=False), feature_repo=repo)
+    assert metrics["epochs_run"] == 1

@@ -21,7 +21,9 @@ from m2rec.training.trainer import TrainParams
 @click.option("--seed", type=int, help="Override train.seed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override train.device.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output.")
-def train_command(data_dir, model_type, output, params_path, epochs, seed, device, resume) -> None:
+@click.option("--feature-repo", type=click.Path(exists=True),
+              help="Read training sequences and item text embeddings through this Feast repo (offline store).")
+def train_command(data_dir, model_type, output, params_path, epochs, seed, device, resume, feature_repo) -> None:
     """Train a model; writes model.safetensors, config.json, items.parquet, history.json and metrics.json."""
     from m2rec.stages.train import train
 
@@ -32,6 +34,7 @@ def train_command(data_dir, model_type, output, params_path, epochs, seed, devic
         section(params, "train", TrainParams, epochs=epochs, seed=seed, device=device),
         section(params, "text", TextEncoderParams),
         resume=resume,
+        feature_repo=feature_repo,
     )
     click.echo(json.dumps({k: metrics[k] for k in ("valid", "test", "best_epoch") if k in metrics}, indent=2))
 

@@ -40,6 +40,22 @@ def evaluate_split(model: SequentialRecommender, data: PreparedDataset, split: s
     return metrics_from_ranks(ranks), ranks
 
 
+def features_from_store(feature_repo: str | Path, data: PreparedDataset) -> tuple[list[np.ndarray], np.ndarray]:
+    """Training sequences (as of each user's last training event) and item text embeddings (items.parquet
+    order) from the Feast offline store."""
+    from m2rec.features.store import FeatureClient
+    from m2rec.features.tables import split_cutoffs
+
+    client = FeatureClient(feature_repo)
+    rows = client.training_sequences(split_cutoffs(data.interactions, "train")).sort_values("user_idx")
+    sequences = [np.asarray(s, dtype=np.int64) for s in rows["item_sequence"]]
+    item_idx, embeddings = client.item_embeddings()
+    position = pd.Series(np.arange(len(item_idx)), index=item_idx)
+    log.info("read %d training sequences and %d item embeddings from the feature store %s", len(sequences),
+             len(item_idx), feature_repo)
+    return sequences, embeddings[position.loc[data.items["item_idx"]].to_numpy()]
+
+
 def text_matrix(data: PreparedDataset, model_type: str, model_params: ModelParams, text_params: TextEncoderParams,
                 item_text_embeddings: np.ndarray | None = None) -> torch.Tensor | None:
     """The (num_items + 1, T) text matrix when the model uses item text (computed and cached if not given)."""
@@ -74,18 +90,21 @@ def train(
     train_params: TrainParams | None = None,
     text_params: TextEncoderParams | None = None,
     resume: bool = False,
-    item_text_embeddings: np.ndarray | None = None,
+    feature_repo: str | Path | None = None,
 ) -> dict:
     """Train `model_type` on the dataset in `data_dir`; write weights, config, id maps, history and metrics to
-    `output_dir`; return the metrics. `item_text_embeddings` (num_items, T) in items.parquet order may be given
-    (e.g. read from the feature store); otherwise they are computed (and cached) with the text encoder."""
+    `output_dir`; return the metrics. With `feature_repo` (built by `m2rec features build`), the training
+    sequences and item text embeddings are read through Feast's offline store, point-in-time correct; without
+    it they come from the tables and the (cached) text encoder."""
     model_params, train_params = model_params or ModelParams(), train_params or TrainParams()
     text_params = text_params or TextEncoderParams()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     data = PreparedDataset.load(data_dir)
-    text = text_matrix(data, model_type, model_params, text_params, item_text_embeddings)
-    model, result = fit(data, model_type, model_params, train_params, output, text, resume=resume)
+    sequences, embeddings = features_from_store(feature_repo, data) if feature_repo else (None, None)
+    text = text_matrix(data, model_type, model_params, text_params, embeddings)
+    model, result = fit(data, model_type, model_params, train_params, output, text, resume=resume,
+                        train_sequences=sequences)
     if not is_main_process():  # rank 0 of a data-parallel run evaluates and writes
         return {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
     valid, _ = evaluate_split(model, data, "valid", train_params.mask_history, train_params.eval_batch_size)
