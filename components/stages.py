@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def prepare(source_format: str, source_input: str, source_items: str, source_columns: str,
@@ -65,17 +65,16 @@ def validate(dataset: Input[Dataset], params_json: str, report: Output[Markdown]
     report.metadata.update({"success": summary["success"], "expectations": len(summary["results"])})
 
 
-def features(dataset: Input[Dataset], params_json: str, feature_repo: str,
-             embeddings: Output[Dataset]) -> NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int):
-    """Embed item texts, write the Feast offline tables, apply and materialize (m2rec.stages.features); pass the
-    item embeddings the store now holds on to training, so training and serving use the same vectors."""
+def features(dataset: Input[Dataset], params_json: str, feature_repo: str, feature_build: Output[Artifact]
+             ) -> NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int):
+    """Embed item texts, write the Feast offline tables, apply and materialize into the repository `feature_repo`
+    (m2rec.stages.features). The `feature_build` artifact describes the build (counts, files, the repository) and
+    is what training reads its features through."""
     import json
     import logging
-
-    import numpy as np
+    from pathlib import Path
 
     from m2rec.features.repo import FeatureParams
-    from m2rec.features.store import FeatureClient
     from m2rec.params import section
     from m2rec.stages.features import build_features
     from m2rec.text.embeddings import TextEncoderParams
@@ -84,27 +83,23 @@ def features(dataset: Input[Dataset], params_json: str, feature_repo: str,
     params = json.loads(params_json)
     summary = build_features(dataset.path, feature_repo, section(params, "features", FeatureParams),
                              section(params, "text", TextEncoderParams))
-    item_idx, vectors = FeatureClient(feature_repo).item_embeddings()  # (N,), (N, dim)
-    with open(embeddings.path, "wb") as file:
-        np.savez(file, item_idx=item_idx, embeddings=vectors)
-    embeddings.metadata.update({"feature_repo": feature_repo, "text_model": summary["text_model"],
-                                "embedding_dim": summary["embedding_dim"]})
+    Path(feature_build.path).write_text(json.dumps(summary, indent=2, default=str))
     counts = summary["counts"]
+    feature_build.metadata.update({"feature_repo": str(feature_repo), "text_model": summary["text_model"],
+                                   "embedding_dim": summary["embedding_dim"], **counts})
     return NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int)(
         counts["users"], counts["items"], summary["embedding_dim"])
 
 
-def train(dataset: Input[Dataset], embeddings: Input[Dataset], model_type: str, epochs: int, params_json: str,
+def train(dataset: Input[Dataset], feature_build: Input[Artifact], model_type: str, epochs: int, params_json: str,
           model: Output[Model], metrics: Output[Metrics],
           curves: Output[HTML]) -> NamedTuple("TrainOutputs", best_epoch=int, epochs_run=int, train_seconds=float):
-    """Train `model_type` (m2rec.stages.train.train) with the feature store's item embeddings; `epochs` > 0
-    overrides train.epochs. A retried task resumes from the checkpoint in its output when there is one."""
+    """Train `model_type` (m2rec.stages.train.train) on sequences and item text embeddings read through the
+    feature store the `feature_build` step filled; `epochs` > 0 overrides train.epochs. A retried task resumes
+    from the checkpoint in its output when there is one."""
     import json
     import logging
     from pathlib import Path
-
-    import numpy as np
-    import pandas as pd
 
     from m2rec.model.config import ModelParams
     from m2rec.params import section
@@ -116,14 +111,11 @@ def train(dataset: Input[Dataset], embeddings: Input[Dataset], model_type: str, 
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = json.loads(params_json)
-    stored = np.load(embeddings.path)
-    row_of = {int(idx): row for row, idx in enumerate(stored["item_idx"])}
-    item_idx = pd.read_parquet(Path(dataset.path) / "items.parquet", columns=["item_idx"])["item_idx"]
-    item_text_embeddings = stored["embeddings"][[row_of[int(i)] for i in item_idx]]  # items.parquet order
+    build = json.loads(Path(feature_build.path).read_text())
     result = train_stage(
         dataset.path, model.path, model_type, section(params, "model", ModelParams),
         section(params, "train", TrainParams, epochs=epochs if epochs > 0 else None, progress=False),
-        section(params, "text", TextEncoderParams), resume=True, item_text_embeddings=item_text_embeddings)
+        section(params, "text", TextEncoderParams), resume=True, feature_repo=build["repo_dir"])
     for split in ("valid", "test"):
         for name, value in result[split].items():
             metrics.log_metric(f"{split}_{name}", float(value))

@@ -64,7 +64,7 @@ def build_pipeline(settings: PipelineParams, params: Dict[str, Any]) -> Callable
         featured = ops.features(dataset=dataset, params_json=params_json, feature_repo=feature_repo)
         featured.after(validated)  # nothing is built from data that failed validation
         featured.set_env_variable("HF_HUB_OFFLINE", "1")
-        trained = ops.train(dataset=dataset, embeddings=featured.outputs["embeddings"], model_type=model_type,
+        trained = ops.train(dataset=dataset, feature_build=featured.outputs["feature_build"], model_type=model_type,
                             epochs=epochs, params_json=params_json)
         request_training_node(trained, settings)
         evaluated = ops.evaluate(dataset=dataset, model=trained.outputs["model"], params_json=params_json,

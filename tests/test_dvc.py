@@ -76,6 +76,7 @@ def test_dvc_repro_then_an_experiment_with_one_hyperparameter_changed(clone):
     assert "metrics.json" in json.dumps(shown) and "NDCG@10" in json.dumps(shown)
     plots = json.loads(run("dvc", "plots", "show", "--json", cwd=clone))
     assert f"{OUT}/model/history.json" in plots["data"]
+    assert "up to date" in run("dvc", "status", cwd=clone)  # no stage changed what an earlier one wrote
     # outputs are git-ignored where they are: dvc repro leaves only dvc.lock to commit
     status = run("git", "status", "--porcelain", cwd=clone).split("\n")
     assert [line for line in status if line.strip()] == ["?? dvc.lock"]
@@ -120,7 +121,7 @@ def test_raw_data_tracked_with_a_dvc_file_is_a_git_commit_restored_from_the_remo
     stages["vars"][0]["source"] = {"format": "table", "input": "data/raw/shop",
                                    "options": "--items data/raw/shop/items.csv --item-columns item_id=item_id,text=text"}
     stages["stages"]["prepare"]["cmd"] = stages["stages"]["prepare"]["cmd"].replace(
-        "--input ${source.input}", "--input ${source.input}/interactions.csv")
+        "--input ${source.input} ", "--input ${source.input}/interactions.csv ")
     (clone / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     run("dvc", "repro", "validate", cwd=clone)
     lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["prepare"]
