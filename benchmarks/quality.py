@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=TrainParams.batch_size)
     parser.add_argument("--no-grid", action="store_true", help="use Mamba4Rec's defaults, no tuning")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--quick", action="store_true", help="ml-100k, one seed, no grid, at most 8 epochs")
@@ -235,7 +236,7 @@ def main() -> None:
         parser.error("give --dataset PATH (repeatable) or --quick")
     grid = [{"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}] if args.no_grid else [
         dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
-    train = TrainParams(epochs=args.epochs, patience=args.patience, progress=False)
+    train = TrainParams(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, progress=False)
     results = {}
     for path in args.dataset:
         name, data = load_dataset(path.resolve(), args.format)

@@ -47,7 +47,7 @@ def rank_targets(
     model.eval()
     ranks = []
     starts = range(0, len(histories), batch_size)
-    for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(starts, desc="evaluating", unit="batch", disable=None if progress else True, leave=False):
         batch = histories[start : start + batch_size]
         items, lengths = pad_right(batch, model.max_length)
         scores = model(items.to(device), lengths.to(device)).float()  # (B, I+1)

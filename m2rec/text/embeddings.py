@@ -69,7 +69,8 @@ class TextEncoder:
         torch = self._torch
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         starts = range(0, len(texts), self.params.batch_size)
-        for start in tqdm(starts, desc="embedding item texts", unit="batch", disable=not progress or len(starts) < 2):
+        show = progress and len(starts) > 1
+        for start in tqdm(starts, desc="embedding item texts", unit="batch", disable=None if show else True):
             batch = texts[start : start + self.params.batch_size]
             tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=self.params.max_length,
                                     return_tensors="pt")

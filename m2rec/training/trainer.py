@@ -146,7 +146,7 @@ def train_model(
         batches = epoch_batches(windows, params.batch_size, params.seed + epoch, rank, world)
         total = (len(windows) + params.batch_size - 1) // params.batch_size // world
         for inputs, targets in tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{params.epochs}", unit="batch",
-                                    disable=not params.progress or rank != 0, leave=False):
+                                    disable=None if params.progress and rank == 0 else True, leave=False):
             with autocast:
                 loss = loss_module(inputs.to(device), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
