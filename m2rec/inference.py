@@ -51,6 +51,8 @@ class Recommender:
         self.index_of = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx > 0}
         counts = items["train_count"].to_numpy() if "train_count" in items.columns else np.zeros(len(items))
         self.popular_order = np.argsort(-counts, kind="stable") + 1  # item_idx by popularity
+        with torch.no_grad():  # fixed once loaded: computed once here, not for every batch
+            self.item_matrix = self.model.item_representations().detach()  # (I+1, H)
 
     @property
     def num_items(self) -> int:
@@ -84,7 +86,7 @@ class Recommender:
                 hidden, gates = hidden.squeeze(1), gates.squeeze(1)
             else:
                 hidden = self.model.last_hidden(items, lengths)
-            scores = self.model.scores(hidden).float()  # (B, I+1)
+            scores = (hidden @ self.item_matrix.t()).float()  # (B, I+1): self.model.scores(hidden), cached
             scores[:, 0] = -torch.inf
             if exclude_seen:
                 for row, i in enumerate(rows):

@@ -18,6 +18,8 @@ COMMANDS = {
     "run": "m2rec.cli.run:run",
     "train": "m2rec.cli.train:train_command",
     "evaluate": "m2rec.cli.train:evaluate_command",
+    "register": "m2rec.cli.registry:register_command",
+    "package": "m2rec.cli.registry:package_command",
 }
 
 

@@ -1,0 +1,255 @@
+"""MLflow registry: runs hold params, per-epoch metrics, plots and a safe pyfunc model; `champion` moves only to a
+better version on the same dataset; failures leave aliases alone; it works on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from m2rec.cli import cli
+from m2rec.data.errors import DataError
+from m2rec.inference import Recommender
+from m2rec.registry.aliases import decide
+from m2rec.stages.register import register
+
+PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
+
+
+def train_tiny_model(data_dir: Path, output: Path) -> Path:
+    """A 2-epoch M2Rec on the tiny dataset (item texts through the cached text encoder)."""
+    from m2rec.model.config import ModelParams
+    from m2rec.stages.train import train
+    from m2rec.training.trainer import TrainParams
+
+    train(data_dir, output, "m2rec", ModelParams(hidden_size=16, d_state=8, max_length=20),
+          TrainParams(epochs=2, batch_size=32, progress=False))
+    return output
+
+
+def variant(model_dir: Path, target: Path, ndcg_shift: float = 0.0, dataset_version: str | None = None) -> Path:
+    """A copy of a model folder whose recorded validation NDCG@10 (and optionally dataset) differs: the registry
+    decides on these records, so this is how a worse or better model looks to it."""
+    shutil.copytree(model_dir, target)
+    metrics = json.loads((target / "metrics.json").read_text())
+    metrics["valid"]["NDCG@10"] += ndcg_shift
+    (target / "metrics.json").write_text(json.dumps(metrics))
+    if dataset_version is not None:
+        config = json.loads((target / "config.json").read_text())
+        config["dataset_version"] = dataset_version
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def sqlite_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def aliases(tracking_uri: str, name: str = "m2rec") -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    model = MlflowClient(tracking_uri).get_registered_model(name)
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_synthetic, tmp_path_factory) -> Path:
+    return train_tiny_model(tiny_synthetic, tmp_path_factory.mktemp("registry") / "model")
+
+
+@pytest.fixture(scope="module")
+def sequence(model_dir, tiny_synthetic, tmp_path_factory) -> dict:
+    """First the trained model, then a worse and then a better one, registered in one store."""
+    root = tmp_path_factory.mktemp("sequence")
+    uri = sqlite_uri(root)
+    steps = {"first": register(model_dir, uri, data_dir=tiny_synthetic)}
+    steps["after_first"] = aliases(uri)
+    steps["worse"] = register(variant(model_dir, root / "worse", -0.01), uri)
+    steps["after_worse"] = aliases(uri)
+    steps["better"] = register(variant(model_dir, root / "better", +0.01), uri)
+    steps["after_better"] = aliases(uri)
+    return {"uri": uri, **steps}
+
+
+def test_first_registration_becomes_champion(sequence):
+    first = sequence["first"]
+    assert first["alias"] == "champion" and first["version"] == "1" and first["champion_version"] == "1"
+    assert first["model_uri"] == "models:/m2rec/1"
+    assert sequence["after_first"] == {"champion": "1"}
+
+
+def test_worse_model_does_not_replace_champion(sequence):
+    worse = sequence["worse"]
+    assert worse["alias"] == "challenger" and worse["version"] == "2" and worse["champion_version"] == "1"
+    assert "does not beat" in worse["reason"]
+    assert sequence["after_worse"] == {"champion": "1", "challenger": "2"}
+
+
+def test_better_model_replaces_champion(sequence):
+    better = sequence["better"]
+    assert better["alias"] == "champion" and better["version"] == "3" and better["champion_version"] == "3"
+    assert "beats champion v1" in better["reason"]
+    assert sequence["after_better"] == {"champion": "3", "challenger": "2"}
+
+
+def test_champion_gives_the_trained_models_recommendations(sequence, model_dir):
+    import mlflow
+
+    mlflow.set_tracking_uri(sequence["uri"])
+    loaded = mlflow.pyfunc.load_model("models:/m2rec@champion")
+    recommender = Recommender(model_dir)
+    histories = [recommender.item_ids[[3, 5, 8]].tolist(), recommender.item_ids[[10]].tolist(), []]
+    out = loaded.predict(pd.DataFrame({"item_ids": histories}), params={"k": 7, "exclude_seen": True})
+    expected = recommender.recommend([recommender.to_indices(h) for h in histories], k=7, exclude_seen=True)
+    for row, rec in zip(out.itertuples(), expected):
+        assert list(row.item_ids) == rec.item_ids and list(row.titles) == rec.titles
+        assert np.allclose(row.scores, rec.scores) and row.strategy == rec.strategy
+    assert out["strategy"].tolist() == ["model", "model", "popularity"]
+    assert set(out["gates"][0]) == set(recommender.model.branch_names)
+    default_k = loaded.predict(pd.DataFrame({"item_ids": histories[:1]}))  # k and exclude_seen from the signature
+    assert len(default_k["item_ids"][0]) == 10
+    with pytest.raises(DataError, match="unknown item id"):
+        loaded.predict(pd.DataFrame({"item_ids": [["no-such-item"]]}))
+
+
+def test_registered_version_has_signature_and_safe_files(sequence):
+    import mlflow
+    from mlflow.models import get_model_info
+
+    mlflow.set_tracking_uri(sequence["uri"])
+    info = get_model_info("models:/m2rec@champion")
+    assert info.signature.inputs.input_names() == ["item_ids"]
+    assert {p.name: p.default for p in info.signature.params.params} == {"k": 10, "exclude_seen": True}
+    assert "gates" in info.signature.outputs.input_names()
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts("models:/m2rec/1")).rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "items.parquet", "pyfunc_model.py"} <= files
+    assert not {"python_model.pkl", "checkpoint.pt"} & files  # logged from code, weights as safetensors
+
+
+def test_run_records_params_epochs_metrics_and_plots(sequence, model_dir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sequence["uri"])
+    run = client.get_run(sequence["first"]["run_id"])
+    history = json.loads((model_dir / "history.json").read_text())
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model_type"] == "m2rec" and run.data.params["model.hidden_size"] == "16"
+    assert run.data.params["train.epochs"] == "2" and run.data.tags["dataset_version"] == metrics["dataset_version"]
+    assert run.data.metrics["valid_NDCG_at_10"] == pytest.approx(metrics["valid"]["NDCG@10"])
+    assert run.data.metrics["test_HR_at_10"] == pytest.approx(metrics["test"]["HR@10"])
+    per_epoch = client.get_metric_history(run.info.run_id, "epoch/loss")
+    assert [(m.step, m.value) for m in per_epoch] == [(r["epoch"], pytest.approx(r["loss"])) for r in history]
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/training_curves.png", "plots/gate_weights.png"}  # gates: --data was given
+    later = client.get_run(sequence["worse"]["run_id"])
+    assert {a.path for a in client.list_artifacts(later.info.run_id, "plots")} == {"plots/training_curves.png"}
+
+
+def test_failed_run_changes_no_alias(model_dir, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_uri(tmp_path)
+    register(model_dir, uri)
+    better = variant(model_dir, tmp_path / "better", +0.5)
+
+    def broken_log_model(*args, **kwargs):
+        raise RuntimeError("artifact store went away")
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", broken_log_model)
+    with pytest.raises(RuntimeError, match="went away"):
+        register(better, uri)
+    client = MlflowClient(uri)
+    assert aliases(uri) == {"champion": "1"}
+    assert len(client.search_model_versions("name='m2rec'")) == 1
+    runs = client.search_runs([client.get_experiment_by_name("m2rec").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+
+
+def test_version_on_another_dataset_is_challenger(model_dir, tmp_path):
+    uri = sqlite_uri(tmp_path)
+    register(model_dir, uri)
+    other = register(variant(model_dir, tmp_path / "other", +0.5, dataset_version="other-data"), uri)
+    assert other["alias"] == "challenger" and other["champion_version"] == "1"
+    assert "not comparable" in other["reason"]
+
+
+@pytest.mark.parametrize("score, champion, alias", [
+    (0.30, (None, None, None), "champion"),
+    (0.30, ("1", "d", 0.30), "challenger"),  # a tie keeps the champion
+    (0.31, ("1", "d", 0.30), "champion"),
+    (0.99, ("1", "e", 0.30), "challenger"),
+])
+def test_alias_rule(score, champion, alias):
+    assert decide("2", "d", score, *champion).alias == alias
+
+
+def test_incomplete_model_folder_is_refused(model_dir, tmp_path):
+    broken = variant(model_dir, tmp_path / "broken")
+    (broken / "metrics.json").unlink()
+    with pytest.raises(DataError, match="lacks metrics.json"):
+        register(broken, sqlite_uri(tmp_path))
+
+
+def test_register_and_package_commands(model_dir, tmp_path):
+    uri = sqlite_uri(tmp_path)
+    runner = CliRunner()
+    done = runner.invoke(cli, ["register", "--model-dir", str(model_dir), "--tracking-uri", uri])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["alias"] == "champion"
+    home = tmp_path / "bentoml"
+    done = runner.invoke(cli, ["package", "--tracking-uri", uri, "--bentoml-home", str(home), "--no-build"])
+    assert done.exit_code == 0, done.output
+    packaged = json.loads(done.stdout)
+    name, version = packaged["bentoml_model_tag"].split(":")
+    stored = home / "models" / name / version
+    assert {"model.safetensors", "config.json", "items.parquet"} <= {p.name for p in stored.iterdir()}
+    assert packaged["bento_tag"] is None and "serving.service:M2RecService" in packaged["serve_command"]
+    done = runner.invoke(cli, ["package", "--tracking-uri", uri, "--model-uri", "models:/m2rec@nobody"])
+    assert done.exit_code != 0 and "not in the registry" in str(done.exception)
+
+
+@pytest.fixture
+def postgres_uri(tmp_path):
+    """A fresh database on the local PostgreSQL server, dropped afterwards; skips when there is no server."""
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (dependency psycopg2-binary)")
+    admin = None
+    for user in ("postgres", "root"):
+        try:
+            admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, dbname=PG_DATABASE, user=user, connect_timeout=3)
+            break
+        except psycopg2.OperationalError as err:
+            reason = str(err).strip()
+    if admin is None:
+        pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT}/{PG_DATABASE} is unreachable: {reason}")
+    admin.autocommit = True
+    database = f"m2rec_registry_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    yield f"postgresql+psycopg2://{admin.info.user}@{PG_HOST}:{PG_PORT}/{database}"
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # let MLflow's connections to the database go before dropping it
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    admin.close()
+
+
+def test_registry_on_postgresql(postgres_uri, model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    artifacts = (tmp_path / "artifacts").as_uri()
+    first = register(model_dir, postgres_uri, artifact_location=artifacts)
+    worse = register(variant(model_dir, tmp_path / "worse", -0.01), postgres_uri)
+    better = register(variant(model_dir, tmp_path / "better", +0.01), postgres_uri)
+    assert [first["alias"], worse["alias"], better["alias"]] == ["champion", "challenger", "champion"]
+    assert aliases(postgres_uri) == {"champion": "3", "challenger": "2"}
+    run = MlflowClient(postgres_uri).get_run(better["run_id"])
+    assert run.data.metrics["valid_NDCG_at_10"] == pytest.approx(better["valid_NDCG@10"])

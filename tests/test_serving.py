@@ -1,0 +1,331 @@
+"""Serving: the ranking core without a server, then a real `bentoml serve` of the packaged Bento, called over HTTP
+for every endpoint and error case."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import threading
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from m2rec.inference import Recommender
+from m2rec.serving.batching import AdaptiveBatcher
+from m2rec.serving.core import Ranker, length_buckets
+from m2rec.serving.http import BodySizeLimit
+from m2rec.serving.schemas import MAX_HISTORY_ITEMS, RankQuery
+from test_registry import sqlite_uri, train_tiny_model
+
+BENTOML = Path(sys.executable).parent / "bentoml"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_synthetic, workspace) -> Path:
+    return train_tiny_model(tiny_synthetic, workspace / "model")
+
+
+@pytest.fixture(scope="module")
+def feature_repo(tiny_synthetic, workspace) -> Path:
+    from m2rec.stages.features import build_features
+
+    build_features(tiny_synthetic, workspace / "features")
+    return workspace / "features"
+
+
+@pytest.fixture(scope="module")
+def users(tiny_synthetic) -> list[str]:
+    """User ids of the dataset; tests that push events take their own so others see unchanged histories."""
+    return pd.read_parquet(tiny_synthetic / "interactions.parquet")["user_id"].drop_duplicates().tolist()
+
+
+@pytest.fixture(scope="module")
+def ranker(model_dir, feature_repo) -> Ranker:
+    return Ranker(model_dir, feature_repo, "m2rec v1")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def packaged(model_dir, tiny_synthetic, feature_repo, workspace) -> dict:
+    from m2rec.stages.package import package
+    from m2rec.stages.register import register
+
+    uri = sqlite_uri(workspace)
+    register(model_dir, uri, data_dir=tiny_synthetic)
+    return package(tracking_uri=uri, bentoml_home=workspace / "bentoml", feature_repo=feature_repo)
+
+
+@pytest.fixture(scope="module")
+def server(packaged, workspace) -> str:
+    """`bentoml serve` of the Bento on a free local port; SIGTERM at the end."""
+    port = free_port()
+    log_path = workspace / "serve.log"
+    env = {**os.environ, "BENTOML_HOME": packaged["bentoml_home"], "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("M2REC_FEATURE_REPO", None)  # the repository recorded by `package` is the one to use
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(BENTOML), "serve", packaged["bento_tag"], "--host", "127.0.0.1", "--port",
+                                    str(port)], cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"bentoml serve exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"bentoml serve not ready:\n{log_path.read_text()[-3000:]}"
+            try:  # short timeouts: BentoML holds /readyz open while a dependency is still starting
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def post(url: str, path: str, body: dict) -> requests.Response:
+    return requests.post(f"{url}{path}", json=body, timeout=30)
+
+
+# --- the core, in process --------------------------------------------------------------------------------------
+
+def test_rank_answers_each_query_of_a_mixed_batch(ranker, model_dir, users):
+    recommender = Recommender(model_dir)
+    sequence = ranker.features.user_sequences([users[0]])[0]
+    history_ids = recommender.item_ids[[1, 2, 3]].tolist()
+    queries = [RankQuery(user_id=users[0], k=5, exclude_seen=True),
+               RankQuery(user_id="no-such-user", k=5, exclude_seen=True),
+               RankQuery(item_ids=history_ids, k=3, exclude_seen=False),
+               RankQuery(item_ids=["no-such-item"], k=5, exclude_seen=True),
+               RankQuery(item_ids=history_ids, k=recommender.num_items + 1, exclude_seen=True)]
+    known, unknown, by_history, bad_item, bad_k = ranker.rank(queries)
+
+    expected = recommender.recommend([sequence], k=5)[0]
+    assert known.response.strategy == "model" and known.response.history_length == len(sequence)
+    assert [i.item_id for i in known.response.items] == expected.item_ids
+    assert known.response.gates == expected.gates and known.response.model_version == "m2rec v1"
+    assert unknown.response.strategy == "popularity" and unknown.response.gates is None
+    assert [i.item_id for i in unknown.response.items] == recommender.popular(5).item_ids
+    assert [i.item_id for i in by_history.response.items] == \
+        recommender.recommend([[1, 2, 3]], k=3, exclude_seen=False)[0].item_ids
+    assert bad_item.failure.status == 400 and bad_item.failure.field == "item_ids"
+    assert "no-such-item" in bad_item.failure.message
+    assert bad_k.failure.status == 400 and bad_k.failure.field == "k"
+    assert f"k <= {recommender.num_items}" in bad_k.failure.message
+
+
+def test_without_feature_repo_users_get_503_and_histories_still_work(model_dir):
+    ranker = Ranker(model_dir, None)
+    by_user, by_history = ranker.rank([RankQuery(user_id="u1", k=3, exclude_seen=True),
+                                       RankQuery(item_ids=[], k=3, exclude_seen=True)])
+    assert by_user.failure.status == 503 and by_user.failure.field == "user_id"
+    assert "M2REC_FEATURE_REPO" in by_user.failure.message
+    assert by_history.response.strategy == "popularity" and len(by_history.response.items) == 3
+    assert ranker.push_event("u1", "i00001").failure.status == 503
+
+
+def test_feature_repo_of_another_dataset_is_not_used(model_dir, feature_repo, tmp_path):
+    other = shutil.copytree(feature_repo, tmp_path / "other")
+    build = json.loads((other / "data" / "build.json").read_text())
+    (other / "data" / "build.json").write_text(json.dumps({**build, "dataset_version": "another"}))
+    ranker = Ranker(model_dir, other)
+    failure = ranker.rank([RankQuery(user_id="u1", k=3, exclude_seen=True)])[0].failure
+    assert failure.status == 503 and "built from dataset another" in failure.message
+
+
+def test_adaptive_batcher_batches_what_waits_and_keeps_order():
+    started, release, batches = threading.Event(), threading.Event(), []
+
+    def handler(queries: list[int]) -> list[int]:
+        batches.append(list(queries))
+        started.set()
+        release.wait(10)  # the first batch runs until every other query is queued
+        if -1 in queries:
+            raise ValueError("bad batch")
+        return [q * 10 for q in queries]
+
+    async def scenario():
+        batcher = AdaptiveBatcher(handler, ThreadPoolExecutor(1), max_batch_size=3)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        rest = [asyncio.ensure_future(batcher(q)) for q in (1, 2, 3, 4, -1)]
+        while len(batcher._waiting) < len(rest):
+            await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert batches == [[0], [1, 2, 3], [4, -1]]
+    assert results[:4] == [0, 10, 20, 30]
+    assert all(isinstance(r, ValueError) for r in results[4:])  # a failed batch fails only its own callers
+
+
+def test_length_buckets_keep_similar_lengths_together():
+    lengths = {0: 100, 1: 5, 2: 300, 3: 140, 4: 10, 5: 60}
+    histories = {row: [1] * n for row, n in lengths.items()}
+    # capped at 200; a bucket's longest is at most 1.5 x its shortest unless all are short (<= 16)
+    assert length_buckets(list(histories), histories, max_length=200) == [[1, 4], [5], [0, 3], [2]]
+
+
+def test_body_size_limit_counts_chunked_bodies():
+    async def app(scope, receive, send):
+        body = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    async def call(chunks: list[bytes], headers: list) -> tuple[int, bytes]:
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await BodySizeLimit(app, max_bytes=10)({"type": "http", "headers": headers}, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    assert asyncio.run(call([b"12345", b"678"], [])) == (200, b"12345678")
+    status, body = asyncio.run(call([b"123456", b"789012"], []))
+    assert status == 413 and json.loads(body)["detail"][0]["loc"] == ["body"]
+    assert asyncio.run(call([b"1"], [(b"content-length", b"11")]))[0] == 413
+
+
+# --- the service, over HTTP ------------------------------------------------------------------------------------
+
+def test_recommend_for_a_user_uses_the_feature_store(server, ranker, model_dir, users):
+    sequence = ranker.features.user_sequences([users[1]])[0]
+    reply = post(server, "/recommend", {"user_id": users[1], "k": 5})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expected = Recommender(model_dir).recommend([sequence], k=5, exclude_seen=True)[0]
+    assert body["strategy"] == "model" and body["user_id"] == users[1]
+    assert body["history_length"] == len(sequence)
+    assert [i["item_id"] for i in body["items"]] == expected.item_ids
+    assert [i["title"] for i in body["items"]] == expected.titles
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True) and scores == pytest.approx(expected.scores, abs=1e-5)
+    assert set(body["gates"]) == {"temporal", "frequency", "semantic"}
+    assert sum(body["gates"].values()) == pytest.approx(1.0, abs=1e-3)
+    seen = set(Recommender(model_dir).item_ids[sequence])
+    assert not seen & {i["item_id"] for i in body["items"]}  # exclude_seen defaults to true
+
+
+def test_unknown_user_gets_a_popularity_list(server, model_dir):
+    body = post(server, "/recommend", {"user_id": "never-seen-user"}).json()
+    assert body["strategy"] == "popularity" and body["gates"] is None and body["history_length"] == 0
+    assert [i["item_id"] for i in body["items"]] == Recommender(model_dir).popular(10).item_ids
+
+
+def test_recommend_by_history(server, model_dir):
+    recommender = Recommender(model_dir)
+    history = recommender.item_ids[[4, 9, 2]].tolist()
+    body = post(server, "/recommend_by_history", {"item_ids": history, "k": 4, "exclude_seen": False}).json()
+    expected = recommender.recommend([[4, 9, 2]], k=4, exclude_seen=False)[0]
+    assert body["user_id"] is None and body["strategy"] == "model" and body["history_length"] == 3
+    assert [i["item_id"] for i in body["items"]] == expected.item_ids
+
+
+def test_an_event_changes_the_users_next_recommendations(server, ranker, users):
+    user = users[2]
+    before = post(server, "/recommend", {"user_id": user, "k": 3}).json()
+    top_item = before["items"][0]["item_id"]
+    reply = post(server, "/events", {"user_id": user, "item_id": top_item})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["sequence_length"] == min(before["history_length"] + 1, ranker.features.max_sequence_length)
+    after = post(server, "/recommend", {"user_id": user, "k": 3}).json()
+    assert after["history_length"] == reply.json()["sequence_length"]
+    assert top_item not in {i["item_id"] for i in after["items"]}  # now seen, so excluded
+    new_user = post(server, "/events", {"user_id": "brand-new-user", "item_id": top_item,
+                                        "timestamp": "2030-01-01T00:00:00Z"})
+    assert new_user.json()["sequence_length"] == 1
+    assert post(server, "/recommend", {"user_id": "brand-new-user"}).json()["strategy"] == "model"
+
+
+def test_events_refuse_unknown_items_and_old_timestamps(server, users):
+    unknown = post(server, "/events", {"user_id": users[3], "item_id": "no-such-item"})
+    assert unknown.status_code == 400 and unknown.json()["detail"][0]["loc"] == ["item_id"]
+    old = post(server, "/events", {"user_id": users[3], "item_id": "i00001", "timestamp": "1990-01-01T00:00:00Z"})
+    assert old.status_code == 400 and old.json()["detail"][0]["loc"] == ["timestamp"]
+    assert "time order" in old.json()["error"]
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/recommend", {"k": 5}, 400, "user_id"),
+    ("/recommend", {"user_id": 42}, 400, "user_id"),
+    ("/recommend", {"user_id": "u1", "k": "10"}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "k": 2.5}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "k": 0}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "k": -3}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "k": 100000}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "exclude_seen": "yes"}, 400, "exclude_seen"),
+    ("/recommend_by_history", {"k": 5}, 400, "item_ids"),
+    ("/recommend_by_history", {"item_ids": "i00001"}, 400, "item_ids"),
+    ("/recommend_by_history", {"item_ids": [1, 2]}, 400, "item_ids"),
+    ("/recommend_by_history", {"item_ids": ["i00001", "not-an-item"]}, 400, "item_ids"),
+    ("/recommend_by_history", {"item_ids": ["i00001"] * (MAX_HISTORY_ITEMS + 1)}, 400, "item_ids"),
+    ("/recommend_by_history", {"item_ids": ["i00001"], "k": 100000}, 400, "k"),
+    ("/events", {"user_id": "u1"}, 400, "item_id"),
+    ("/events", {"user_id": "u1", "item_id": "i00001", "timestamp": "yesterday"}, 400, "timestamp"),
+    ("/recommend_by_history", {"item_ids": ["x" * 200] * 400}, 413, "body"),
+])
+def test_bad_input_gets_4xx_naming_the_field(server, path, body, status, field):
+    reply = post(server, path, body)
+    assert reply.status_code == status, reply.text
+    locations = [d["loc"][0] for d in reply.json()["detail"]]
+    assert field in locations, reply.text
+
+
+def test_bad_encodings_are_refused_and_the_server_stays_up(server):
+    not_json = requests.post(f"{server}/recommend", data=b"{not json", timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400
+    pickled = requests.post(f"{server}/recommend", data=b"\x80\x04N.", timeout=30,
+                            headers={"Content-Type": "application/vnd.bentoml+pickle"})
+    assert pickled.status_code == 415  # BentoML never unpickles a client's body
+    chunked = requests.post(f"{server}/recommend_by_history", timeout=30, headers={"Content-Type": "application/json"},
+                            data=(b'{"item_ids": [' + b'"i00001",' * 20000 + b'"i00001"]}' for _ in range(1)))
+    assert chunked.status_code == 413
+    assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
+    assert post(server, "/recommend", {"user_id": "u1", "k": 2}).status_code == 200
+
+
+def test_operations_endpoints_and_docs(server):
+    assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
+    assert requests.get(f"{server}/readyz", timeout=5).status_code == 200
+    for _ in range(8):
+        post(server, "/recommend", {"user_id": "u1"})
+    metrics = requests.get(f"{server}/metrics", timeout=5).text
+    assert 'bentoml_service_request_total{endpoint="/recommend"' in metrics
+    batched = re.search(r"^m2rec_batch_size_sum(?:\{[^}]*\})? ([0-9.e+]+)$", metrics, re.MULTILINE)
+    assert batched and float(batched.group(1)) >= 8  # every query reaches the model through the batcher
+    spec = requests.get(f"{server}/docs.json", timeout=5).json()
+    assert {"/recommend", "/recommend_by_history", "/events"} <= set(spec["paths"])
+    assert "text/html" in requests.get(f"{server}/", timeout=5).headers["content-type"]
