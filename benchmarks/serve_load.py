@@ -6,8 +6,7 @@ Targets (2 CPU cores, the ml-100k model): p99 <= 50 ms and >= 200 requests/s at 
     # against a running server
     python benchmarks/serve_load.py --url http://127.0.0.1:3000 --data data/ml-100k
     # or start `bentoml serve` of a packaged Bento on a free port, load it, stop it
-    python benchmarks/serve_load.py --bento m2rec_service:latest --bentoml-home ~/bentoml --data data/ml-100k \
-        --serve-arg workers=2
+    python benchmarks/serve_load.py --bento m2rec_service:latest --bentoml-home ~/bentoml --data data/ml-100k
 
 Requests are POST /recommend for users drawn (seeded) from the prepared dataset in --data, so every request goes
 through the Feast online lookup and the model. The client runs on the same machine: its CPU use counts against
@@ -26,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,13 +61,13 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 300) -> N
 
 
 @contextmanager
-def serve(bento: str, bentoml_home: str | None, serve_args: list[str], log_path: Path) -> Iterator[str]:
-    """`bentoml serve BENTO` on a free loopback port for the duration of the block; SIGTERM at the end."""
+def serve(bento: str, bentoml_home: str | None, workers: int, log_path: Path) -> Iterator[str]:
+    """`bentoml serve BENTO` with `workers` processes on a free loopback port for the duration of the block."""
     port = free_port()
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **({"BENTOML_HOME": bentoml_home} if bentoml_home else {})}
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true",
+           "BENTOML_CONFIG_OPTIONS": f"services.m2rec_service.workers={workers}",
+           **({"BENTOML_HOME": bentoml_home} if bentoml_home else {})}
     command = [sys.executable, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
-    for arg in serve_args:
-        command += ["--arg", arg]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -146,7 +146,8 @@ def run(url: str, args: argparse.Namespace) -> dict:
                              "requests_per_s": result["requests_per_s"] >= TARGETS["requests_per_s"],
                              "errors": result["errors"] <= TARGETS["errors"]}
     result["setup"] = {
-        "url": url, "endpoint": "POST /recommend", "bento": args.bento, "serve_args": args.serve_arg,
+        "url": url, "endpoint": "POST /recommend", "bento": args.bento,
+        "workers": args.workers if args.bento else None,
         "data": str(args.data),
         "users": len(users), "concurrency": args.concurrency, "warmup_requests": args.warmup, "k": args.k,
         "model_version": sample.get("model_version"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -163,8 +164,7 @@ def main() -> None:
     target.add_argument("--url", help="A running service, e.g. http://127.0.0.1:3000.")
     target.add_argument("--bento", help="A Bento tag to serve on a free loopback port for the test.")
     parser.add_argument("--bentoml-home", help="BENTOML_HOME holding --bento.")
-    parser.add_argument("--serve-arg", action="append", default=[], metavar="NAME=VALUE",
-                        help="`--arg` for `bentoml serve` of --bento, e.g. workers=2 (repeatable).")
+    parser.add_argument("--workers", type=int, default=1, help="Server processes for --bento.")
     parser.add_argument("--data", required=True, help="Prepared dataset the model was trained on (its users).")
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -177,10 +177,10 @@ def main() -> None:
     if args.url:
         result = run(args.url.rstrip("/"), args)
     else:
-        log_path = args.output.with_suffix(".serve.log")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with serve(args.bento, args.bentoml_home, args.serve_arg, log_path) as url:
+        log_path = Path(tempfile.mkdtemp(prefix="m2rec-serve-load-")) / "serve.log"
+        with serve(args.bento, args.bentoml_home, args.workers, log_path) as url:
             result = run(url, args)
+        result["setup"]["server_log"] = str(log_path)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -4,8 +4,9 @@ Endpoints: `POST /recommend`, `POST /recommend_by_history`, `POST /events`, plus
 `/metrics` and the OpenAPI docs at `/` and `/docs.json`. Each worker loads the model once; concurrent requests
 are ranked in adaptive batches (one feature-store lookup and one model call per batch) on one model thread, so
 the event loop keeps parsing requests meanwhile. Batching happens in the serving process rather than through a
-`batchable` dependency service: BentoML 1.4.40's inter-service client drops in-flight calls when it renews its
-session every 100 requests (bentoml/BentoML#5540), and one process saves an HTTP hop per request.
+`batchable` dependency service: BentoML 1.4.40's inter-service client closes its session every 100 requests
+with calls still in flight, which fail ("Cannot write to closing transport"; cf. bentoml/BentoML#5540), and one
+process saves an HTTP hop and a serialization per request.
 
 Configuration:
 - the model: BentoML model `m2rec:latest` from the model store (`BENTOML_HOME`), or `--arg model_tag=NAME:VERSION`;
@@ -13,7 +14,9 @@ Configuration:
 - the feature repository: `M2REC_FEATURE_REPO` (a folder built by `m2rec features build`), else the one
   `m2rec package --feature-repo` recorded with the model. Without one, /recommend and /events answer 503 with
   the reason; /recommend_by_history still works.
-- `--arg workers=N`, `--arg torch_threads=N`, `--arg max_batch_size=N`: see ServeArgs.
+- workers (processes, each loading the model): `BENTOML_CONFIG_OPTIONS='services.m2rec_service.workers=2'`;
+  one per core suits a CPU box. `M2REC_TORCH_THREADS` (default 1) sets each worker's model threads: more only
+  help on idle cores. `M2REC_MAX_BATCH` (default 64) caps a batch.
 
 Run from the repository root: `bentoml serve serving.service:M2RecService --port 3000`, or serve the packaged
 Bento: `bentoml serve m2rec_service:latest`.
@@ -38,12 +41,9 @@ logging.getLogger("m2rec").setLevel(logging.INFO)  # BentoML's server logging pa
 
 
 class ServeArgs(BaseModel):
-    """`--arg NAME=VALUE` of `bentoml serve` / `bentoml build`."""
+    """`--arg NAME=VALUE` of `bentoml build` (a built Bento keeps its build's values) or of `bentoml serve`."""
 
     model_tag: str = "m2rec:latest"  # `m2rec package` pins the tag it imported
-    workers: int = 1  # processes, each with its own copy of the model
-    torch_threads: int = 1  # per worker; more threads only help on otherwise idle cores
-    max_batch_size: int = 64
 
 
 ARGS = bentoml.use_arguments(ServeArgs)
@@ -51,7 +51,7 @@ BATCH_SIZE = bentoml.metrics.Histogram(name="m2rec_batch_size", documentation="Q
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
-@bentoml.service(name="m2rec_service", workers=ARGS.workers, traffic={"timeout": 30})
+@bentoml.service(name="m2rec_service", workers=1, traffic={"timeout": 30})
 class M2RecService:
     """Top-k recommendations of the M2Rec model, explained by its gate weights."""
 
@@ -62,14 +62,15 @@ class M2RecService:
 
         from m2rec.serving.core import Ranker
 
-        torch.set_num_threads(ARGS.torch_threads)
+        torch.set_num_threads(int(os.environ.get("M2REC_TORCH_THREADS", 1)))  # per worker; see the docstring
         labels = self.model.info.labels  # written by `m2rec package`: the registry version behind this model
         version = (f"{labels['registered_model']} v{labels['registry_version']}" if "registry_version" in labels
                    else str(self.model.tag))
         repo = os.environ.get("M2REC_FEATURE_REPO") or self.model.info.metadata.get("feature_repo")
         self.ranker = Ranker(self.model.path, repo, version)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="m2rec-model")
-        self.rank = AdaptiveBatcher(self.ranker.rank, self.model_thread, ARGS.max_batch_size, BATCH_SIZE.observe)
+        self.rank = AdaptiveBatcher(self.ranker.rank, self.model_thread, int(os.environ.get("M2REC_MAX_BATCH", 64)),
+                                    BATCH_SIZE.observe)
 
     async def _respond(self, query: RankQuery):
         result = await self.rank(query)
