@@ -9,6 +9,7 @@ from pathlib import Path
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # relative: the working directory
 SELECTION_METRIC = "NDCG@10"  # validation metric that decides the champion (early stopping uses it too)
 CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the trained model folder
 
 
 @dataclass
@@ -37,5 +38,3 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 def metric_key(name: str) -> str:
     """MLflow metric names cannot hold '@': `valid_NDCG@10` -> `valid_NDCG_at_10`."""
     return name.replace("@", "_at_")
-
-MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the trained model folder

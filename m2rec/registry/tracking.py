@@ -41,8 +41,9 @@ class TrainedModel:
         if missing:
             raise DataError(f"model folder {directory} lacks {', '.join(missing)}",
                             "pass a folder written by `m2rec train --output DIR` that finished training")
-        read = lambda name: json.loads((directory / name).read_text())  # noqa: E731
-        trained = cls(directory, read(CONFIG_FILE), read(METRICS_FILE), read(HISTORY_FILE))
+        config, metrics, history = (json.loads((directory / name).read_text())
+                                    for name in (CONFIG_FILE, METRICS_FILE, HISTORY_FILE))
+        trained = cls(directory, config, metrics, history)
         if SELECTION_METRIC not in trained.metrics.get("valid", {}):
             raise DataError(f"{directory / METRICS_FILE} has no valid {SELECTION_METRIC}",
                             "re-run `m2rec train`, which writes validation and test metrics")
