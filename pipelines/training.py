@@ -8,6 +8,7 @@ training node's resources and the retries are compile-time settings (`PipelinePa
 """
 
 import json
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 from kfp import compiler, dsl
@@ -16,6 +17,8 @@ from components.stages import build_components
 from m2rec.pipeline.settings import PipelineParams
 
 PIPELINE_NAME = "m2rec-training"
+DESCRIPTION = ("Prepare and validate the data, build features, train M2Rec on a GPU node, evaluate, and register and "
+               "package the model when it passes the gate.")
 
 
 def request_training_node(task: dsl.PipelineTask, settings: PipelineParams) -> dsl.PipelineTask:
@@ -35,8 +38,7 @@ def build_pipeline(settings: PipelineParams, params: Dict[str, Any]) -> Callable
     ops = build_components(settings.image, settings.packages)
     default_params = json.dumps(params, sort_keys=True)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Prepare and validate the data, build features, train M2Rec on a GPU node, "
-                  "evaluate, and register and package the model when it passes the gate.")
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def m2rec_training(
         source_format: str = "synthetic",
         source_input: str = "",
@@ -90,5 +92,6 @@ def build_pipeline(settings: PipelineParams, params: Dict[str, Any]) -> Callable
 
 def compile_pipeline(package_path: str, settings: PipelineParams, params: Dict[str, Any]) -> str:
     """Write the pipeline's YAML (IR) for a Kubeflow Pipelines cluster to `package_path`."""
+    Path(package_path).parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func=build_pipeline(settings, params), package_path=package_path)
     return package_path

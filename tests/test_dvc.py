@@ -118,8 +118,8 @@ def test_raw_data_tracked_with_a_dvc_file_is_a_git_commit_restored_from_the_remo
 
     # point the DVC pipeline at the tracked data: prepare depends on it, and dvc.lock records its hash
     stages = yaml.safe_load((clone / "dvc.yaml").read_text())
-    stages["vars"][0]["source"] = {"format": "table", "input": "data/raw/shop",
-                                   "options": "--items data/raw/shop/items.csv --item-columns item_id=item_id,text=text"}
+    options = "--items data/raw/shop/items.csv --item-columns item_id=item_id,text=text"
+    stages["vars"][0]["source"] = {"format": "table", "input": "data/raw/shop", "options": options}
     stages["stages"]["prepare"]["cmd"] = stages["stages"]["prepare"]["cmd"].replace(
         "--input ${source.input} ", "--input ${source.input}/interactions.csv ")
     (clone / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))

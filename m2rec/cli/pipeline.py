@@ -56,7 +56,8 @@ def params_options(command: Callable) -> Callable:
     command = click.option("-S", "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                            help="Override one params.yaml value (repeatable), e.g. -S train.epochs=3.")(command)
     return click.option("--params", "params_path", type=click.Path(exists=True),
-                        help=f"Hyperparameters and pipeline settings [default: ./{DEFAULT_PARAMS} if present].")(command)
+                        help=f"Hyperparameters and pipeline settings [default: ./{DEFAULT_PARAMS} if present]."
+                        )(command)
 
 
 def compile_options(command: Callable) -> Callable:
@@ -129,8 +130,8 @@ def pipeline() -> None:
 
 
 @pipeline.command("compile")
-@click.option("--output", default="m2rec_pipeline.yaml", show_default=True, type=click.Path(dir_okay=False),
-              help="Where the pipeline YAML goes.")
+@click.option("--output", default="artifacts/m2rec_pipeline.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Where the pipeline YAML goes.")
 @compile_options
 def compile_command(output, image, packages, accelerator_type, accelerator_limit, params_path, overrides) -> None:
     """Write the pipeline YAML for a Kubeflow Pipelines cluster (the train step asks for a GPU node)."""

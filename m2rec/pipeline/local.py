@@ -99,9 +99,10 @@ def run_local(workdir: str | Path, params: dict, source: SourceSpec, settings: P
     workdir.mkdir(parents=True, exist_ok=True)
     pipeline_root = workdir / PIPELINE_ROOT
     run_arguments = local_arguments(workdir, source, **arguments)
-    # the image and packages matter only on a cluster: locally the components import this interpreter's m2rec
+    # the image and packages matter only on a cluster: locally the components import this interpreter's m2rec.
+    # Retries are for lost nodes; here a failure is deterministic, and kfp.local would back off for minutes.
     settings = replace(settings or PipelineParams(), image=f"python:{sys.version_info.major}.{sys.version_info.minor}",
-                       packages=[])
+                       packages=[], train_retries=0)
     pipeline = load_pipeline_module().build_pipeline(settings, params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
