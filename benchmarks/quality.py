@@ -30,7 +30,6 @@ import torch
 from m2rec.data.prepare import PrepareParams
 from m2rec.data.prepared import PreparedDataset
 from m2rec.data.sources import SourceSpec
-from m2rec.evaluation.metrics import metrics_from_ranks
 from m2rec.model.config import ModelParams
 from m2rec.stages.prepare import prepare
 from m2rec.stages.train import evaluate_split, fit, text_matrix

@@ -21,10 +21,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -33,53 +29,20 @@ from typing import Iterator
 
 import numpy as np
 
+from m2rec.serving.launcher import bentoml_serve
+
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 TARGETS = {"p99_ms": 50.0, "requests_per_s": 200.0, "errors": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
-    """Poll /readyz with short timeouts (BentoML holds a probe open while a dependency is still starting)."""
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"bentoml serve exited with status {process.returncode}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{url} was not ready after {timeout_s:.0f} s")
 
 
 @contextmanager
 def serve(bento: str, bentoml_home: str | None, workers: int, log_path: Path) -> Iterator[str]:
     """`bentoml serve BENTO` with `workers` processes on a free loopback port for the duration of the block."""
-    port = free_port()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true",
            "BENTOML_CONFIG_OPTIONS": f"services.m2rec_service.workers={workers}",
            **({"BENTOML_HOME": bentoml_home} if bentoml_home else {})}
-    command = [sys.executable, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
+    with bentoml_serve(bento, env, log_path) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 async def load(url: str, users: list[str], requests: int, concurrency: int, k: int, seed: int

@@ -9,26 +9,20 @@ import os
 import re
 import shutil
 import threading
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
+from test_registry import sqlite_uri, train_tiny_model
 
 from m2rec.inference import Recommender
 from m2rec.serving.batching import AdaptiveBatcher
 from m2rec.serving.core import Ranker, length_buckets
 from m2rec.serving.http import BodySizeLimit
+from m2rec.serving.launcher import bentoml_serve
 from m2rec.serving.schemas import MAX_HISTORY_ITEMS, RankQuery
-from test_registry import sqlite_uri, train_tiny_model
-
-BENTOML = Path(sys.executable).parent / "bentoml"
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +54,6 @@ def ranker(model_dir, feature_repo) -> Ranker:
     return Ranker(model_dir, feature_repo, "m2rec v1")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def packaged(model_dir, tiny_synthetic, feature_repo, workspace) -> dict:
     from m2rec.stages.package import package
@@ -79,33 +67,10 @@ def packaged(model_dir, tiny_synthetic, feature_repo, workspace) -> dict:
 @pytest.fixture(scope="module")
 def server(packaged, workspace) -> str:
     """`bentoml serve` of the Bento on a free local port; SIGTERM at the end."""
-    port = free_port()
-    log_path = workspace / "serve.log"
     env = {**os.environ, "BENTOML_HOME": packaged["bentoml_home"], "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("M2REC_FEATURE_REPO", None)  # the repository recorded by `package` is the one to use
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([str(BENTOML), "serve", packaged["bento_tag"], "--host", "127.0.0.1", "--port",
-                                    str(port)], cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"bentoml serve exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"bentoml serve not ready:\n{log_path.read_text()[-3000:]}"
-            try:  # short timeouts: BentoML holds /readyz open while a dependency is still starting
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+    with bentoml_serve(packaged["bento_tag"], env, workspace / "serve.log", cwd=workspace, ready_timeout_s=180) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def post(url: str, path: str, body: dict) -> requests.Response:

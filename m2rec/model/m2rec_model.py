@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from m2rec.model.base import SequentialRecommender, gather_last
+from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import ModelParams
 from m2rec.model.frequency import CausalFourierFilter
 from m2rec.model.layers import FeedForward, mamba_stack, run_stack
