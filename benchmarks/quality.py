@@ -219,16 +219,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=TrainParams.batch_size)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-grid", action="store_true", help="use Mamba4Rec's defaults, no tuning")
     parser.add_argument("--no-cold-start", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="ml-100k, one seed, no grid, at most 8 epochs")
+    parser.add_argument("--quick", action="store_true",
+                        help="ml-100k, one seed, no grid, no cold start, batch 128, at most 10 epochs")
     parser.add_argument("--output", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
-        args.seeds, args.no_grid, args.epochs, args.patience = 1, True, 8, 3
+        args.seeds, args.no_grid, args.no_cold_start = 1, True, True
+        args.epochs, args.patience, args.batch_size = 10, 3, 128
         args.dataset = args.dataset or [ROOT.parent.parent / "shared" / "datasets" / "ml-100k"]
         args.output = args.output if args.output != RESULTS / "quality.json" else RESULTS / "quality_quick.json"
     if not args.dataset:

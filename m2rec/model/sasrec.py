@@ -24,6 +24,7 @@ class SASRec(SequentialRecommender):
             activation="gelu", batch_first=True, layer_norm_eps=1e-12,
         )
         self.blocks = nn.TransformerEncoder(block, params.sasrec_layers, enable_nested_tensor=False)
+        self.apply(_init_weights)
 
     def _embed(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) -> embedded input (B, L, H) and the causal attention mask (L, L)."""
@@ -49,3 +50,18 @@ class SASRec(SequentialRecommender):
         x = block.norm1(query + block.dropout1(attended))
         x = block.norm2(x + block.dropout2(block.linear2(block.dropout(block.activation(block.linear1(x))))))
         return x.squeeze(1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """RecBole's SASRec initialisation: N(0, 0.02) weights, zero biases. (PyTorch's default N(0, 1) position
+    embeddings would drown the item embeddings and stall training.)"""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.MultiheadAttention):
+        nn.init.normal_(module.in_proj_weight, std=0.02)
+        nn.init.zeros_(module.in_proj_bias)
