@@ -30,6 +30,7 @@ import torch
 from m2rec.data.prepare import PrepareParams
 from m2rec.data.prepared import PreparedDataset
 from m2rec.data.sources import SourceSpec
+from m2rec.evaluation.metrics import per_user_metrics
 from m2rec.model.config import ModelParams
 from m2rec.stages.prepare import prepare
 from m2rec.stages.train import evaluate_split, fit, text_matrix
@@ -130,11 +131,6 @@ def paired_test(ours: np.ndarray, theirs: np.ndarray, rounds: int = 10000, seed:
     relative = ours[idx].mean(1) / np.maximum(theirs[idx].mean(1), 1e-12) - 1
     return {"relative_difference": float(ours.mean() / max(theirs.mean(), 1e-12) - 1), "p_value": p_value,
             "ci95": [float(np.percentile(relative, 2.5)), float(np.percentile(relative, 97.5))]}
-
-
-def per_user(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
-    hit = ranks < k
-    return {"HR@10": hit.astype(float), "NDCG@10": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
 
 
 def cold_start(data: PreparedDataset, point_of: dict, train: TrainParams, text_cache: dict, seed: int) -> dict:
@@ -254,9 +250,10 @@ def main() -> None:
                  "chosen": chosen, "curves": {v: r[0]["curve"] for v, r in runs.items()}, "significance": {},
                  "users": int(data.num_users)}
         if "m2rec" in runs:
-            ours = {m: np.concatenate([per_user(r["ranks"])[m] for r in runs["m2rec"]]) for m in ("HR@10", "NDCG@10")}
+            ours = {m: np.concatenate([per_user_metrics(r["ranks"], 10)[m] for r in runs["m2rec"]])
+                    for m in ("HR@10", "NDCG@10")}
             for baseline in (b for b in BASELINES if b in runs):
-                theirs = {m: np.concatenate([per_user(r["ranks"])[m] for r in runs[baseline]])
+                theirs = {m: np.concatenate([per_user_metrics(r["ranks"], 10)[m] for r in runs[baseline]])
                           for m in ("HR@10", "NDCG@10")}
                 block["significance"][baseline] = {m: paired_test(ours[m], theirs[m]) for m in ours}
             if not args.no_cold_start and all(b in runs for b in BASELINES):

@@ -27,14 +27,6 @@ class Recommendation:
     gates: dict[str, float] | None = None
     strategy: str = "model"  # "model", or "popularity" for users without history
 
-    def as_dict(self) -> dict:
-        return {
-            "items": [{"item_id": i, "title": t, "score": s} for i, t, s in zip(self.item_ids, self.titles,
-                                                                                  self.scores)],
-            "gates": self.gates,
-            "strategy": self.strategy,
-        }
-
 
 class Recommender:
     """Loads a model folder once and ranks all items for batches of histories (item indices)."""

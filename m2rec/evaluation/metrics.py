@@ -20,16 +20,20 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores > target_scores).sum(1)
 
 
+def per_user_metrics(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Each user's HR@K, NDCG@K and MRR@K from 0-based ranks (for paired significance tests)."""
+    ranks = np.asarray(ranks)
+    hit = ranks < k
+    return {
+        f"HR@{k}": hit.astype(float),
+        f"NDCG@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0),
+        f"MRR@{k}": np.where(hit, 1.0 / (ranks + 1.0), 0.0),
+    }
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
     """Mean HR@K, NDCG@K and MRR@K from 0-based ranks."""
-    ranks = np.asarray(ranks)
-    out: dict[str, float] = {}
-    for k in ks:
-        hit = ranks < k
-        out[f"HR@{k}"] = float(hit.mean())
-        out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
-        out[f"MRR@{k}"] = float(np.where(hit, 1.0 / (ranks + 1.0), 0.0).mean())
-    return out
+    return {name: float(values.mean()) for k in ks for name, values in per_user_metrics(ranks, k).items()}
 
 
 @torch.no_grad()
