@@ -67,7 +67,8 @@ def measure(model_type: str, length: int, batch: int, num_items: int, repeats: i
             out[name] = statistics.median(times)
         except (RuntimeError, MemoryError) as err:  # e.g. the address-space limit: report it, keep the rest
             out[name] = None
-            out[name.removesuffix("_s") + "_error"] = "out of memory" if "memory" in str(err).lower() else str(err)[:200]
+            reason = "out of memory" if "memory" in str(err).lower() else str(err)[:200]
+            out[name.removesuffix("_s") + "_error"] = reason
         out[f"{name.removesuffix('_s')}_peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_mem_mb"] = out["train_step_peak_mem_mb"]
     return out
