@@ -16,10 +16,16 @@ per epoch per model).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import fcntl
+import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +41,7 @@ from m2rec.model.config import ModelParams
 from m2rec.stages.prepare import prepare
 from m2rec.stages.train import evaluate_split, fit, text_matrix
 from m2rec.text.embeddings import TextEncoderParams
+from m2rec.training.batching import pad_right
 from m2rec.training.trainer import TrainParams
 
 log = logging.getLogger("quality")
@@ -54,6 +61,18 @@ VARIANTS = {  # name -> (model type, ModelParams overrides)
 BASELINES = ("sasrec", "mamba4rec")
 MAX_LENGTH = 200  # RecBole protocol
 GRID = {"learning_rate": [1e-3, 3e-3], "dropout": [0.2, 0.4], "depth": [1, 2]}  # depth = layers per stack
+DEFAULT_POINT = {"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}  # Mamba4Rec's published defaults
+
+
+def grid_points(kind: str) -> list[dict]:
+    """`full`: every combination of GRID (8 points); `half`: the 2^(3-1) half fraction, in which each level of
+    each factor and each pair of levels of two factors occurs equally often (4 points); `none`: DEFAULT_POINT."""
+    if kind == "none":
+        return [dict(DEFAULT_POINT)]
+    levels = list(itertools.product(*(range(len(v)) for v in GRID.values())))
+    if kind == "half":
+        levels = [lv for lv in levels if sum(lv) % 2 == 0]
+    return [{name: GRID[name][i] for name, i in zip(GRID, lv)} for lv in levels]
 
 
 def detect_format(path: Path) -> str:
@@ -67,13 +86,12 @@ def detect_format(path: Path) -> str:
     raise SystemExit(f"cannot tell the format of {path}; pass --format")
 
 
-def load_dataset(path: Path, fmt: str | None) -> tuple[str, PreparedDataset]:
-    """Prepare (once, cached under benchmarks/.cache) and load a dataset read from where it lies."""
-    name = path.name
-    out = CACHE / "data" / name
+def load_dataset(path: Path, fmt: str | None) -> tuple[str, Path]:
+    """Prepare a dataset read from where it lies (once, cached under benchmarks/.cache); its name and folder."""
+    out = CACHE / "data" / path.name
     if not (out / "stats.json").exists():
         prepare(SourceSpec(fmt or detect_format(path), str(path)), out, PrepareParams())
-    return name, PreparedDataset.load(out)
+    return path.name, out
 
 
 def configure(variant: str, point: dict, max_length: int) -> tuple[str, ModelParams, dict]:
@@ -88,34 +106,121 @@ def configure(variant: str, point: dict, max_length: int) -> tuple[str, ModelPar
     return model_type, params, {"learning_rate": point["learning_rate"]}
 
 
-def run_one(data: PreparedDataset, variant: str, point: dict, train: TrainParams, seed: int, text_cache: dict,
-            train_sequences=None) -> dict:
-    """Train one model with one seed; return validation metrics, per-user test ranks and the curve."""
+def mean_gates(model, data: PreparedDataset, batch_size: int = 512) -> dict[str, float]:
+    """M2Rec's mean gate weight per branch at the test users' last position (what the fused output draws on)."""
+    histories, _ = data.histories("test")
+    device = next(model.parameters()).device
+    model.eval()
+    weights = []
+    with torch.no_grad():
+        for start in range(0, len(histories), batch_size):
+            items, lengths = pad_right(histories[start : start + batch_size], MAX_LENGTH)
+            gates = model.encode_with_gates(items.to(device), lengths.to(device))[1]  # (B, 1, n_branches)
+            weights.append(gates.squeeze(1).float().cpu())
+    return dict(zip(model.branch_names, torch.cat(weights).mean(0).tolist()))
+
+
+_LOADED: dict = {}  # per process: prepared datasets and text matrices, loaded once
+
+
+def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainParams,
+              held_out: tuple[int, ...] = ()) -> dict:
+    """Train one model with one seed (without the `held_out` items, for cold start) and return its validation
+    metrics, per-user test ranks, best epoch, time, validation curve and (M2Rec) mean gate weights. Runs in the
+    calling process or in a worker of the pool."""
+    if data_dir not in _LOADED:
+        _LOADED[data_dir] = PreparedDataset.load(data_dir)
+    data = _LOADED[data_dir]
     model_type, params, train_overrides = configure(variant, point, MAX_LENGTH)
-    train = dataclasses.replace(train, seed=seed, **train_overrides)
-    key = (model_type, params.use_text)
-    if key not in text_cache:
-        text_cache[key] = text_matrix(data, model_type, params, TextEncoderParams())
+    text_key = (data_dir, model_type, params.use_text)
+    if text_key not in _LOADED:
+        _LOADED[text_key] = text_matrix(data, model_type, params, TextEncoderParams())
+    sequences = None
+    if held_out:
+        mask = np.zeros(data.num_items + 1, dtype=bool)
+        mask[list(held_out)] = True
+        sequences = [s[~mask[s]] for s in data.train_sequences()]
     with tempfile.TemporaryDirectory() as checkpoints:
-        model, result = fit(data, model_type, params, train, checkpoints, text_cache[key],
-                            train_sequences=train_sequences)
+        model, result = fit(data, model_type, params, dataclasses.replace(train, seed=seed, **train_overrides),
+                            checkpoints, _LOADED[text_key], train_sequences=sequences)
     valid, _ = evaluate_split(model, data, "valid")
     test, ranks = evaluate_split(model, data, "test")
+    log.info("%s %s seed %d%s: valid NDCG@10 %.4f, test HR@10 %.4f NDCG@10 %.4f", variant, point, seed,
+             " (cold start)" if held_out else "", valid["NDCG@10"], test["HR@10"], test["NDCG@10"])
+    device = next(model.parameters()).device
     return {"valid": valid, "test": test, "ranks": ranks, "best_epoch": result.best_epoch,
-            "train_seconds": result.train_seconds,
-            "curve": [h["valid_NDCG@10"] for h in result.history]}
+            "train_seconds": result.train_seconds, "seed": seed,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "curve": [h["valid_NDCG@10"] for h in result.history],
+            "gates": mean_gates(model, data) if model_type == "m2rec" else None}
 
 
-def tune(data: PreparedDataset, variant: str, grid: list[dict], train: TrainParams, text_cache: dict) -> dict:
-    """The grid point with the best validation NDCG@10 (first seed only: the same budget for every model)."""
-    if len(grid) == 1:
-        return grid[0]
-    scored = []
-    for point in grid:
-        outcome = run_one(data, variant, point, train, train.seed, text_cache)
-        log.info("%s %s: valid NDCG@10 %.4f", variant, point, outcome["valid"]["NDCG@10"])
-        scored.append((outcome["valid"]["NDCG@10"], point))
-    return max(scored, key=lambda s: s[0])[1]
+def _store(path: Path, outcome: dict, job: tuple) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    variant, point, seed, *held_out = job
+    described = {"variant": variant, "point": point, "seed": seed,
+                 "held_out_items": len(held_out[0]) if held_out else 0}
+    tmp.write_text(json.dumps({**outcome, "job": described, "ranks": outcome["ranks"].tolist()}))
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict:
+    outcome = json.loads(path.read_text())
+    return {**outcome, "ranks": np.asarray(outcome["ranks"], dtype=np.int64)}
+
+
+def _init_worker(threads: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+
+
+@dataclasses.dataclass
+class Study:
+    """One dataset's runs, each (variant, grid point, seed, held-out items) trained once: the tuning run at the
+    chosen point doubles as that model's first seed, and every finished run is stored under
+    benchmarks/.cache/runs, so an interrupted study resumes where it stopped. With a pool, independent runs
+    train in parallel."""
+
+    data_dir: Path
+    train: TrainParams
+    pool: concurrent.futures.Executor | None = None
+
+    @property
+    def data(self) -> PreparedDataset:
+        if str(self.data_dir) not in _LOADED:
+            _LOADED[str(self.data_dir)] = PreparedDataset.load(self.data_dir)
+        return _LOADED[str(self.data_dir)]
+
+    def _stored(self, job: tuple) -> Path:
+        """Where a job's outcome is kept: named by a hash of the job, the training settings and the data."""
+        key = json.dumps([job, dataclasses.asdict(self.train), self.data.stats.get("dataset_version")],
+                         sort_keys=True, default=str)
+        return CACHE / "runs" / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+    def run_all(self, jobs: list[tuple]) -> list[dict]:
+        """Outcomes of (variant, point, seed[, held_out]) jobs, training those not stored yet."""
+        stored = [self._stored(job) for job in jobs]
+        todo = {path: job for path, job in zip(stored, jobs) if not path.exists()}
+        if todo:
+            log.info("%s: %d of %d runs to train", self.data_dir.name, len(todo), len(jobs))
+        calls = {path: (str(self.data_dir), *job[:3], self.train, *job[3:]) for path, job in todo.items()}
+        if self.pool is None:
+            for path, call in calls.items():
+                _store(path, train_job(*call), todo[path])
+        else:
+            futures = {self.pool.submit(train_job, *call): path for path, call in calls.items()}
+            for future in concurrent.futures.as_completed(futures):
+                _store(futures[future], future.result(), todo[futures[future]])
+        return [_load(path) for path in stored]
+
+    def choose(self, variants: list[str], grid: list[dict]) -> dict[str, dict]:
+        """Each variant's grid point with the best validation NDCG@10 at the first seed (the same budget for
+        every model)."""
+        outcomes = self.run_all([(v, point, self.train.seed) for v in variants for point in grid])
+        scores = iter(o["valid"]["NDCG@10"] for o in outcomes)
+        scored = {v: [(next(scores), i) for i in range(len(grid))] for v in variants}
+        return {v: grid[max(pairs)[1]] for v, pairs in scored.items()}
 
 
 def paired_test(ours: np.ndarray, theirs: np.ndarray, rounds: int = 10000, seed: int = 0) -> dict:
@@ -133,78 +238,149 @@ def paired_test(ours: np.ndarray, theirs: np.ndarray, rounds: int = 10000, seed:
             "ci95": [float(np.percentile(relative, 2.5)), float(np.percentile(relative, 97.5))]}
 
 
-def cold_start(data: PreparedDataset, point_of: dict, train: TrainParams, text_cache: dict, seed: int) -> dict:
-    """Hold 10% of items out of training entirely (their text stays known); HR@10 on test targets among them."""
+def cold_start_jobs(data: PreparedDataset, point_of: dict, seed: int) -> tuple[np.ndarray, list[tuple]]:
+    """Hold 10% of items out of training entirely (their text stays known): the held-out items and the runs."""
     rng = np.random.default_rng(seed)
-    held_out = rng.choice(np.arange(1, data.num_items + 1), size=max(1, data.num_items // 10), replace=False)
+    held_out = np.sort(rng.choice(np.arange(1, data.num_items + 1), size=max(1, data.num_items // 10),
+                                  replace=False))
+    return held_out, [(v, point_of[v], seed, tuple(held_out.tolist())) for v in ("m2rec", *BASELINES)]
+
+
+def cold_start_report(data: PreparedDataset, held_out: np.ndarray, outcomes: list[dict]) -> dict:
+    """HR@10 on the test cases whose target is a held-out item, per model, beside chance."""
     mask = np.zeros(data.num_items + 1, dtype=bool)
     mask[held_out] = True
-    sequences = [s[~mask[s]] for s in data.train_sequences()]
     _, targets = data.histories("test")
     cases = mask[targets]
-    out = {"held_out_items": int(len(held_out)), "test_cases": int(cases.sum())}
-    for variant in ("m2rec", *BASELINES):
-        outcome = run_one(data, variant, point_of[variant], train, seed, text_cache, train_sequences=sequences)
+    out = {"held_out_items": int(len(held_out)), "test_cases": int(cases.sum()), "chance_HR@10": 10 / data.num_items}
+    for variant, outcome in zip(("m2rec", *BASELINES), outcomes):
         out[variant] = {"HR@10": float((outcome["ranks"][cases] < 10).mean()) if cases.any() else None}
-    out["chance_HR@10"] = 10 / data.num_items
     return out
 
 
 def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each reported test metric, with the per-seed records."""
     summary = {}
     for metric in REPORTED:
         values = [r["test"][metric] for r in runs]
         summary[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    summary["valid_NDCG@10"] = {"mean": float(np.mean([r["valid"]["NDCG@10"] for r in runs])),
-                                "std": float(np.std([r["valid"]["NDCG@10"] for r in runs]))}
+    valid = [r["valid"]["NDCG@10"] for r in runs]
+    summary["valid_NDCG@10"] = {"mean": float(np.mean(valid)), "std": float(np.std(valid))}
     summary["seeds"] = [r["seed"] for r in runs]
     summary["best_epochs"] = [r["best_epoch"] for r in runs]
     summary["train_seconds"] = [round(r["train_seconds"], 1) for r in runs]
+    summary["devices"] = sorted({r["device"] for r in runs})
+    if runs[0]["gates"] is not None:
+        summary["mean_gates"] = {b: float(np.mean([r["gates"][b] for r in runs])) for b in runs[0]["gates"]}
     return summary
 
 
-def markdown(results: dict, command: str) -> str:
-    lines = [f"Command: `{command}`", ""]
-    for dataset, block in results.items():
-        lines += [f"## {dataset}", "", "| model | " + " | ".join(REPORTED) + " | best epochs | train s |",
-                  "|---" * (len(REPORTED) + 3) + "|"]
-        for variant in VARIANTS:
-            if variant not in block["models"]:
-                continue
-            m = block["models"][variant]
+def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int, with_cold_start: bool) -> dict:
+    """Tune, train every model with every seed, test M2Rec's lead for significance and measure cold start;
+    returns the dataset's entry of quality.json. Ablations take M2Rec's chosen grid point, so each differs from
+    the full model only in the part it removes."""
+    tuned = [v for v in models if not (v.startswith("m2rec_") and "m2rec" in models)]
+    chosen = study.choose(tuned, grid)
+    chosen.update({v: chosen["m2rec"] for v in models if v not in chosen})
+    seed_list = [study.train.seed + i for i in range(seeds)]
+    jobs = [(v, chosen[v], s) for s in seed_list for v in models]
+    with_cold_start = with_cold_start and all(v in models for v in ("m2rec", *BASELINES))
+    if with_cold_start:
+        held_out, cold_jobs = cold_start_jobs(study.data, chosen, study.train.seed)
+        jobs += cold_jobs
+    outcomes = study.run_all(jobs)
+    runs = {v: [o for job, o in zip(jobs, outcomes) if job[0] == v and len(job) == 3] for v in models}
+    meta = {"grid": grid, "chosen": chosen, "curves": {v: r[0]["curve"] for v, r in runs.items()},
+            "significance": {}, "users": int(study.data.num_users), "items": int(study.data.num_items),
+            "batch_size": study.train.batch_size, "max_epochs": study.train.epochs, "patience": study.train.patience}
+    if with_cold_start:
+        meta["cold_start"] = cold_start_report(study.data, held_out, outcomes[-len(cold_jobs):])
+    if "m2rec" in runs:
+        def pooled(variant: str) -> dict[str, np.ndarray]:  # per-user scores, seeds concatenated (paired by seed)
+            return {m: np.concatenate([per_user_metrics(r["ranks"], 10)[m] for r in runs[variant]])
+                    for m in ("HR@10", "NDCG@10")}
+
+        ours = pooled("m2rec")
+        for other in (v for v in runs if v != "m2rec"):
+            meta["significance"][other] = {m: paired_test(ours[m], pooled(other)[m]) for m in ours}
+    return {**{v: summarize(r) for v, r in runs.items()}, "_meta": meta}
+
+
+def models_of(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "_meta"}
+
+
+def markdown(results: dict) -> str:
+    """quality.md: per dataset, the metric table, M2Rec's paired tests, gate weights, cold start and tuning."""
+    lines = []
+    for dataset, entry in results.items():
+        meta, models = entry["_meta"], models_of(entry)
+        lines += [f"## {dataset}", "", f"Command: `{meta['command']}`", "",
+                  f"{meta['users']} test users, {meta['items']} items; batch {meta['batch_size']}, at most "
+                  f"{meta['max_epochs']} epochs, early stop after {meta['patience']} without a better validation "
+                  f"NDCG@10. Mean ± std over seeds {models[next(iter(models))]['seeds']}. Trained on: "
+                  f"{', '.join(sorted({d for m in models.values() for d in m['devices']}))}.", "",
+                  "| model | " + " | ".join(REPORTED) + " | best epochs | train s |", "|---" * (len(REPORTED) + 3) + "|"]
+        for variant, m in models.items():
             cells = [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in REPORTED]
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {m['best_epochs']} | "
                          f"{np.mean(m['train_seconds']):.0f} |")
-        lines += ["", "| M2Rec vs | metric | relative difference | 95% interval | p-value |", "|---|---|---|---|---|"]
-        for baseline, tests in block["significance"].items():
+        lines += ["", "Paired over test users, seeds pooled: relative difference of M2Rec's mean to the other "
+                  "model's, bootstrap 95% interval, two-sided sign-flip permutation p-value.", "",
+                  "| M2Rec vs | metric | relative difference | 95% interval | p-value |", "|---|---|---|---|---|"]
+        for other, tests in meta["significance"].items():
             for metric, t in tests.items():
-                lines.append(f"| {baseline} | {metric} | {t['relative_difference']:+.1%} | "
-                             f"[{t['ci95'][0]:+.1%}, {t['ci95'][1]:+.1%}] | {t['p_value']:.3f} |")
-        cold = block.get("cold_start")
+                lines.append(f"| {other} | {metric} | {t['relative_difference']:+.1%} | "
+                             f"[{t['ci95'][0]:+.1%}, {t['ci95'][1]:+.1%}] | {t['p_value']:.4f} |")
+        gated = {v: m["mean_gates"] for v, m in models.items() if "mean_gates" in m}
+        if gated:
+            lines += ["", "Mean gate weight per branch at the test users' last position:", "",
+                      "| model | temporal | frequency | semantic |", "|---|---|---|---|"]
+            lines += [f"| {v} | " + " | ".join(f"{g[b]:.3f}" if b in g else "-" for b in
+                                               ("temporal", "frequency", "semantic")) + " |" for v, g in gated.items()]
+        cold = meta.get("cold_start")
         if cold:
             lines += ["", f"Cold start: {cold['held_out_items']} items held out of training, {cold['test_cases']} "
                       f"test targets among them; chance HR@10 {cold['chance_HR@10']:.4f}.", "",
                       "| model | cold-start HR@10 |", "|---|---|"]
             lines += [f"| {v} | {cold[v]['HR@10']} |" for v in ("m2rec", *BASELINES)]
-        lines += ["", f"Tuning grid: {block['grid']}; chosen: {block['chosen']}", ""]
+        lines += ["", f"Grid ({len(meta['grid'])} points, chosen on validation NDCG@10 at the first seed): "
+                  f"{meta['grid']}", "", f"Chosen: {meta['chosen']}", ""]
     return "\n".join(lines)
 
 
 def plot_curves(results: dict, path: Path) -> None:
+    """Validation NDCG@10 per epoch per model (first seed), one panel per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (dataset, block) in zip(axes[0], results.items()):
-        for variant, curve in block["curves"].items():
+    for ax, (dataset, entry) in zip(axes[0], results.items()):
+        for variant, curve in entry["_meta"]["curves"].items():
             ax.plot(range(1, len(curve) + 1), curve, label=variant,
                     linestyle="--" if variant.startswith("m2rec_") else "-")  # ablations dashed
         ax.set(title=dataset, xlabel="epoch", ylabel="validation NDCG@10")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def save(output: Path, dataset: str, entry: dict) -> dict:
+    """Put one dataset's entry into `output` (other datasets' entries are kept, so datasets can run as
+    separate processes) and rewrite the .md table and the curves plot from the whole file."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(output.read_text()) if output.exists() else {}
+        results[dataset] = entry
+        tmp = output.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=float))
+        tmp.replace(output)
+        output.with_suffix(".md").write_text(markdown(results))
+        plot_curves(results, output.with_name(output.stem + "_curves.png"))
+    return results
 
 
 def main() -> None:
@@ -216,58 +392,39 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--no-grid", action="store_true", help="use Mamba4Rec's defaults, no tuning")
+    parser.add_argument("--grid", choices=("half", "full", "none"), default="half",
+                        help="tuning grid over learning rate x dropout x depth (see grid_points)")
     parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (worker processes)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: the cores divided among the jobs)")
     parser.add_argument("--quick", action="store_true",
                         help="ml-100k, one seed, no grid, no cold start, batch 128, at most 10 epochs")
     parser.add_argument("--output", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    torch.set_num_threads(threads)
     if args.quick:
-        args.seeds, args.no_grid, args.no_cold_start = 1, True, True
+        args.seeds, args.grid, args.no_cold_start = 1, "none", True
         args.epochs, args.patience, args.batch_size = 10, 3, 128
         args.dataset = args.dataset or [ROOT.parent.parent / "shared" / "datasets" / "ml-100k"]
         args.output = args.output if args.output != RESULTS / "quality.json" else RESULTS / "quality_quick.json"
     if not args.dataset:
         parser.error("give --dataset PATH (repeatable) or --quick")
-    grid = [{"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}] if args.no_grid else [
-        dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
-    train = TrainParams(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, progress=False)
-    results = {}
-    for path in args.dataset:
-        name, data = load_dataset(path.resolve(), args.format)
-        text_cache: dict = {}
-        chosen = {v: tune(data, v, grid, train, text_cache) for v in args.models}
-        runs: dict[str, list[dict]] = {v: [] for v in args.models}
-        for seed, variant in itertools.product(range(args.seeds), args.models):
-            outcome = run_one(data, variant, chosen[variant], train, train.seed + seed, text_cache)
-            outcome["seed"] = train.seed + seed
-            runs[variant].append(outcome)
-            log.info("%s %s seed %d: test HR@10 %.4f NDCG@10 %.4f", name, variant, outcome["seed"],
-                     outcome["test"]["HR@10"], outcome["test"]["NDCG@10"])
-        block = {"models": {v: summarize(r) for v, r in runs.items()}, "grid": GRID if not args.no_grid else None,
-                 "chosen": chosen, "curves": {v: r[0]["curve"] for v, r in runs.items()}, "significance": {},
-                 "users": int(data.num_users)}
-        if "m2rec" in runs:
-            ours = {m: np.concatenate([per_user_metrics(r["ranks"], 10)[m] for r in runs["m2rec"]])
-                    for m in ("HR@10", "NDCG@10")}
-            for baseline in (b for b in BASELINES if b in runs):
-                theirs = {m: np.concatenate([per_user_metrics(r["ranks"], 10)[m] for r in runs[baseline]])
-                          for m in ("HR@10", "NDCG@10")}
-                block["significance"][baseline] = {m: paired_test(ours[m], theirs[m]) for m in ours}
-            if not args.no_cold_start and all(b in runs for b in BASELINES):
-                block["cold_start"] = cold_start(data, chosen, train, text_cache, train.seed)
-        results[name] = block
-    RESULTS.mkdir(exist_ok=True)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    flat = {name: {**block["models"], "_meta": {k: v for k, v in block.items() if k != "models"}}
-            for name, block in results.items()}
-    args.output.write_text(json.dumps({"command": command, **flat}, indent=2, default=float))
-    report = markdown(results, command)
-    args.output.with_suffix(".md").write_text(report)
-    plot_curves(results, args.output.with_name(args.output.stem + "_curves.png"))
-    print(report)
+    train = TrainParams(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, progress=False)
+    pool = None if args.jobs == 1 else concurrent.futures.ProcessPoolExecutor(
+        args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+    for path in args.dataset:
+        name, data_dir = load_dataset(path.resolve(), args.format)
+        entry = study_dataset(Study(data_dir, train, pool), args.models, grid_points(args.grid), args.seeds,
+                              not args.no_cold_start)
+        entry["_meta"]["command"] = command
+        results = save(args.output, name, entry)
+    if pool is not None:
+        pool.shutdown()
+    print(markdown(results))
 
 
 if __name__ == "__main__":

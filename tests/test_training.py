@@ -22,7 +22,8 @@ from m2rec.inference import Recommender
 from m2rec.model.config import ModelParams
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
-from m2rec.training.trainer import TrainParams
+from m2rec.model.factory import build_model
+from m2rec.training.trainer import NextItemLoss, TrainParams, trained_item_mask
 
 BIN = Path(sys.executable).parent
 FAST = dict(hidden_size=16, d_state=8, max_length=20, scales=[[0.001, 0.1], [0.1, 1.0]])
@@ -47,6 +48,35 @@ def test_windows_cover_every_next_item_once():
     assert len(batches) == 1  # 3 windows -> 2 batches -> one per rank
 
 
+
+def test_length_buckets_cut_padding_and_keep_every_window_once():
+    rng = np.random.default_rng(0)
+    windows = [np.arange(1, n + 1) for n in rng.integers(2, 51, size=1000)]
+
+    def epoch(bucket: int) -> tuple[list[int], int]:
+        seen, padded = [], 0
+        for inputs, targets in epoch_batches(windows, batch_size=32, seed=3, bucket=bucket):
+            seen += [int(t[t > 0][-1]) for t in targets]  # a window's last target is its length
+            padded += int((targets == 0).sum())
+        return sorted(seen), padded
+
+    (bucketed, bucketed_padding), (plain, plain_padding) = epoch(50), epoch(1)
+    assert bucketed == plain == sorted(len(w) for w in windows)
+    assert bucketed_padding < plain_padding / 5
+
+
+def test_items_absent_from_training_are_not_pushed_down_as_negatives():
+    sequences = [np.array([1, 2, 3, 1]), np.array([2, 3, 2])]  # items 4 and 5 never occur
+    mask = trained_item_mask(sequences, num_items=5)
+    assert mask.tolist() == [False, True, True, True, False, False]
+    model = build_model("sasrec", 5, ModelParams(**FAST))
+    inputs, targets = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 1]])
+    for trained_items, untouched in ((mask, True), (None, False)):
+        model.zero_grad()
+        NextItemLoss(model, trained_items)(inputs, targets).backward()
+        grad = model.item_embedding.weight.grad  # (6, H)
+        assert (grad[4:].abs().sum() == 0) == untouched and grad[1:4].abs().sum() > 0
+
 def write_params(path: Path, epochs: int, **model) -> Path:
     path.write_text(yaml.safe_dump({"model": {**FAST, **model}, "train": {"epochs": epochs, "batch_size": 32,
                                                                          "patience": 50, "progress": False}}))
@@ -56,7 +86,7 @@ def write_params(path: Path, epochs: int, **model) -> Path:
 @pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "mamba4rec"])
 def test_training_beats_chance_and_evaluate_reproduces_metrics(model_type, tiny_synthetic, tmp_path):
     metrics = train(tiny_synthetic, tmp_path / "m", model_type, ModelParams(**FAST),
-                    TrainParams(epochs=4, batch_size=32, progress=False))
+                    TrainParams(epochs=8, batch_size=32, progress=False))
     n_items = len(pd.read_parquet(tiny_synthetic / "items.parquet"))
     assert metrics["valid"]["HR@10"] > 2 * 10 / n_items  # well above a random ranking
     history = json.loads((tmp_path / "m" / "history.json").read_text())

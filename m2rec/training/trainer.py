@@ -63,18 +63,32 @@ def choose_device(requested: str = "auto") -> torch.device:
 
 
 class NextItemLoss(nn.Module):
-    """Cross-entropy of every position's next item over all items (padding targets ignored).
+    """Cross-entropy of every position's next item over the items of the training data (padding targets
+    ignored). Items that never occur in training are no negatives either: a softmax would otherwise push their
+    embeddings away from every user, so that a new catalog item could never be recommended, even by its text.
     Wrapping the model this way lets DistributedDataParallel see one forward per step."""
 
-    def __init__(self, model: SequentialRecommender):
+    def __init__(self, model: SequentialRecommender, trained_items: torch.Tensor | None = None):
         super().__init__()
         self.model = model
+        self.register_buffer("untrained", None if trained_items is None else ~trained_items)  # (I+1,) bool
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model.encode(inputs)  # (B, L, H)
         real = targets > 0  # (B, L)
-        logits = self.model.scores(hidden[real])  # (N, I+1): only real positions, to bound memory
-        return nn.functional.cross_entropy(logits.float(), targets[real])
+        logits = self.model.scores(hidden[real]).float()  # (N, I+1): only real positions, to bound memory
+        if self.untrained is not None:
+            logits = logits.masked_fill(self.untrained, float("-inf"))
+        return nn.functional.cross_entropy(logits, targets[real])
+
+
+def trained_item_mask(train_sequences: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
+    """(num_items + 1,) bool: which item ids occur in the training sequences (padding id 0 never does)."""
+    mask = torch.zeros(num_items + 1, dtype=torch.bool)
+    if len(train_sequences):
+        mask[torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_sequences]))] = True
+    mask[0] = False
+    return mask
 
 
 def _distributed() -> tuple[int, int]:
@@ -111,7 +125,8 @@ def train_model(
     rank, world = _distributed()
     device = choose_device(params.device)
     model.to(device)
-    loss_module = NextItemLoss(model)
+    loss_module = NextItemLoss(model, trained_item_mask(train_sequences, model.item_embedding.num_embeddings - 1))
+    loss_module.to(device)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
