@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2rec.model.config import ModelParams
+from m2rec.model.config import PAPER_DESIGN, ModelParams
 from m2rec.model.factory import build_model, load_model, save_model
 from m2rec.model.frequency import CausalFourierFilter
 
@@ -14,12 +14,12 @@ SMALL = dict(hidden_size=16, d_state=4, max_length=24, dropout=0.0)
 VARIANTS = {
     "sasrec": ("sasrec", {}),
     "mamba4rec": ("mamba4rec", {}),
-    "m2rec": ("m2rec", {}),
+    "m2rec": ("m2rec", PAPER_DESIGN),
+    "m2rec_default": ("m2rec", {}),  # one temporal scale
     "m2rec_two_layers": ("m2rec", {"num_layers": 2}),
     "m2rec_no_fft": ("m2rec", {"use_frequency": False}),
     "m2rec_no_text": ("m2rec", {"use_text": False}),
     "m2rec_no_gate": ("m2rec", {"gate": "mean"}),
-    "m2rec_single_scale": ("m2rec", {"scales": [[0.001, 0.1]]}),
 }
 
 
@@ -116,6 +116,17 @@ def test_text_places_items_without_interactions():
     torch.testing.assert_close(reps[7], reps[3])
     assert reps[7].abs().sum() > 0 and reps[0].abs().sum() == 0
     assert torch.all(make("m2rec_no_text").item_representations()[7] == make("m2rec_no_text").item_embedding.weight[7])
+
+
+def test_item_id_dropout_scores_a_share_of_items_by_text_alone_in_training_only():
+    torch.manual_seed(0)
+    model = build_model("m2rec", 200, ModelParams(**SMALL, item_id_dropout=0.5), torch.randn(201, 12))
+    text_only = model.text_output(model.item_text)  # (I+1, H)
+    model.train()
+    dropped = torch.isclose(model.item_representations(), text_only).all(-1)[1:]  # (I,)
+    assert 0.3 < dropped.float().mean() < 0.7
+    model.eval()
+    torch.testing.assert_close(model.item_representations()[1:], (model.item_embedding.weight + text_only)[1:])
 
 
 @pytest.mark.parametrize("name", ["m2rec", "sasrec", "mamba4rec"])

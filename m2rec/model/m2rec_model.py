@@ -2,7 +2,8 @@
 learned per-position gate. Paper: "M2Rec: Multi-scale Mamba for Efficient Sequential Recommendation".
 
 Unlike the authors' released code, every branch here does what the paper says and is causal:
-- temporal: parallel Mamba stacks whose time steps are initialised in different ranges (short vs long memory);
+- temporal: parallel Mamba stacks whose time steps are initialised in different ranges (short vs long memory;
+  one scale by default, see config.PAPER_DESIGN);
 - frequency: a learnable frequency response over the *sequence* axis, applied as a causal FFT convolution;
 - semantic: frozen text embeddings of each item, projected into the model's width, kept (never overwritten);
 - gate: softmax over the branches, per position, returned so a recommendation can be explained.
@@ -57,12 +58,17 @@ class M2Rec(SequentialRecommender):
         self.output_norm = nn.LayerNorm(hidden, eps=1e-12)
 
     def item_representations(self) -> torch.Tensor:
-        """(I+1, H): ID embedding plus projected text, so text alone can place an unseen item."""
+        """(I+1, H): ID embedding plus projected text, so text alone can place an unseen item. In training, with
+        `item_id_dropout`, a random share of items is represented by its text alone."""
+        ids = self.item_embedding.weight  # (I+1, H)
         if not self.params.use_text:
-            return self.item_embedding.weight
+            return ids
+        if self.training and self.params.item_id_dropout > 0:
+            keep = torch.rand(len(ids), 1, device=ids.device) >= self.params.item_id_dropout  # (I+1, 1)
+            ids = ids * keep
         text = self.text_output(self.item_text)  # (I+1, H)
         text = text.masked_fill(torch.arange(len(text), device=text.device).unsqueeze(1) == 0, 0.0)
-        return self.item_embedding.weight + text
+        return ids + text
 
     def encode_with_gates(self, items: torch.Tensor, lengths: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,70 @@
+"""The quality study's machinery: a balanced tuning grid, a paired test that tells a real lead from noise, and a
+study that runs end to end, writes its report and resumes from the runs it stored."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m2rec.training.trainer import TrainParams
+
+spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(spec)
+sys.modules["quality"] = quality
+spec.loader.exec_module(quality)
+
+
+def test_half_grid_balances_every_factor_and_pair():
+    points = quality.grid_points("half")
+    assert len(points) == 4 and len(quality.grid_points("full")) == 8 and len(quality.grid_points("none")) == 1
+    for name, levels in quality.GRID.items():
+        assert sorted(p[name] for p in points) == sorted(levels * 2)
+    for a, b in itertools.combinations(quality.GRID, 2):
+        assert len({(p[a], p[b]) for p in points}) == 4
+
+
+def test_paired_test_tells_a_real_lead_from_noise():
+    rng = np.random.default_rng(0)
+    theirs = (rng.random(3000) < 0.10).astype(float)
+    ours = np.maximum(theirs, rng.random(3000) < 0.04)  # ours hits wherever theirs does, and more
+    lead = quality.paired_test(ours, theirs)
+    assert lead["p_value"] < 0.001 and lead["ci95"][0] > 0 and lead["relative_difference"] > 0.2
+    noise = quality.paired_test(theirs[rng.permutation(3000)], theirs)
+    assert noise["p_value"] > 0.05 and noise["ci95"][0] < 0 < noise["ci95"][1]
+
+
+def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
+    models = ["m2rec", "sasrec", "mamba4rec", "m2rec_no_fft"]
+    train = TrainParams(epochs=1, batch_size=32, progress=False)
+    entry = quality.study_dataset(quality.Study(tiny_synthetic, train), models, quality.grid_points("none"),
+                                  seeds=2, with_cold_start=True)
+    assert set(entry) == {*models, "_meta"}
+    assert entry["m2rec"]["seeds"] == [42, 43] and len(entry["m2rec"]["best_epochs"]) == 2
+    assert set(entry["m2rec"]["mean_gates"]) == {"temporal", "frequency", "semantic"}
+    assert "mean_gates" not in entry["sasrec"]
+    assert set(entry["_meta"]["significance"]) == {"sasrec", "mamba4rec", "m2rec_no_fft"}
+    cold = entry["_meta"]["cold_start"]
+    assert set(quality.COLD_START_MODELS) <= set(cold) and cold["held_out_items"] > 0
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a stored run was trained again")
+
+    monkeypatch.setattr(quality, "train_job", must_not_train)
+    again = quality.study_dataset(quality.Study(tiny_synthetic, train), models, quality.grid_points("none"),
+                                  seeds=2, with_cold_start=True)
+    assert again["m2rec"] == entry["m2rec"] and again["_meta"]["cold_start"] == cold
+
+    output = tmp_path / "results" / "quality.json"
+    entry["_meta"]["command"] = "python benchmarks/quality.py ..."
+    quality.save(output, "tiny", entry)
+    saved = json.loads(output.read_text())
+    assert saved["tiny"]["m2rec"]["HR@10"]["mean"] == pytest.approx(entry["m2rec"]["HR@10"]["mean"])
+    assert "| m2rec |" in output.with_suffix(".md").read_text()
+    assert (output.parent / "quality_curves.png").stat().st_size > 0
