@@ -4,13 +4,14 @@ One protocol and one code path for every model (RecBole's: k-core, leave-one-out
 items, history not masked): the same data, loss, training loop (m2rec.stages.train.fit), early stopping on
 validation NDCG@10, and the same tuning budget (a grid chosen on validation NDCG@10, never on test).
 
-    python benchmarks/quality.py --dataset ../shared/datasets/ml-100k --seeds 3
-    python benchmarks/quality.py --dataset ../shared/datasets/amazon-games --seeds 3
-    python benchmarks/quality.py --quick          # one seed of each model on ml-100k, no grid, few epochs
+    python benchmarks/quality.py --dataset ../shared/datasets/ml-100k --seeds 3 --jobs 2
+    python benchmarks/quality.py --dataset ../shared/datasets/amazon-games --seeds 3 --batch-size 512
+    python benchmarks/quality.py --quick          # one seed of each model on ml-100k, no grid, 10 epochs
 
-Writes benchmarks/results/quality.json ({dataset: {model: {metric: {mean, std}, seeds, best_epochs,
-train_seconds}}}), quality.md (tables, significance, cold start) and quality_curves.png (validation NDCG@10
-per epoch per model).
+Every finished run is stored under benchmarks/.cache/runs (a killed study resumes; datasets can run as separate
+processes). Writes benchmarks/results/quality.json ({dataset: {model: {metric: {mean, std}, seeds, best_epochs,
+train_seconds, ...}, "_meta": {...}}}), quality.md (tables, significance, gate weights, cold start) and
+quality_curves.png (validation NDCG@10 per epoch per model).
 """
 
 from __future__ import annotations
@@ -396,7 +397,8 @@ def save(output: Path, dataset: str, entry: dict) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(output.read_text()) if output.exists() else {}
+        stored = json.loads(output.read_text()) if output.exists() else {}
+        results = {name: e for name, e in stored.items() if isinstance(e, dict) and "_meta" in e}  # this layout only
         results[dataset] = entry
         tmp = output.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2, default=float))
@@ -422,7 +424,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: the cores divided among the jobs)")
     parser.add_argument("--quick", action="store_true",
-                        help="ml-100k, one seed, no grid, no cold start, batch 128, at most 10 epochs")
+                        help="ml-100k, one seed, no grid, no cold start, batch 128, 10 epochs (no early stop)")
     parser.add_argument("--output", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -430,7 +432,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     if args.quick:
         args.seeds, args.grid, args.no_cold_start = 1, "none", True
-        args.epochs, args.patience, args.batch_size = 10, 3, 128
+        args.epochs, args.patience, args.batch_size = 10, 10, 128  # no early stop: early plateaus are common
         args.dataset = args.dataset or [ROOT.parent.parent / "shared" / "datasets" / "ml-100k"]
         args.output = args.output if args.output != RESULTS / "quality.json" else RESULTS / "quality_quick.json"
     if not args.dataset:
