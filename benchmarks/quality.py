@@ -201,9 +201,11 @@ class Study:
         return _LOADED[str(self.data_dir)]
 
     def _stored(self, job: tuple) -> Path:
-        """Where a job's outcome is kept: named by a hash of the job, the training settings and the data."""
-        key = json.dumps([job, dataclasses.asdict(self.train), self.data.stats.get("dataset_version")],
-                         sort_keys=True, default=str)
+        """Where a job's outcome is kept: named by a hash of the job, the model configuration it resolves to, the
+        training settings and the data (so a changed default or variant never reuses an old run)."""
+        model_type, params, _ = configure(job[0], job[1], MAX_LENGTH)
+        key = json.dumps([job, model_type, dataclasses.asdict(params), dataclasses.asdict(self.train),
+                          self.data.stats.get("dataset_version")], sort_keys=True, default=str)
         return CACHE / "runs" / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
     def run_all(self, jobs: list[tuple]) -> list[dict]:
