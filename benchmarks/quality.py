@@ -122,7 +122,7 @@ def mean_gates(model, data: PreparedDataset, batch_size: int = 512) -> dict[str,
     weights = []
     with torch.no_grad():
         for start in range(0, len(histories), batch_size):
-            items, lengths = pad_right(histories[start : start + batch_size], MAX_LENGTH)
+            items, lengths = pad_right(histories[start : start + batch_size], model.max_length)
             gates = model.encode_with_gates(items.to(device), lengths.to(device))[1]  # (B, 1, n_branches)
             weights.append(gates.squeeze(1).float().cpu())
     return dict(zip(model.branch_names, torch.cat(weights).mean(0).tolist()))
@@ -131,22 +131,32 @@ def mean_gates(model, data: PreparedDataset, batch_size: int = 512) -> dict[str,
 _LOADED: dict = {}  # per process: prepared datasets and text matrices, loaded once
 
 
+def _dataset(data_dir: str | Path) -> PreparedDataset:
+    if str(data_dir) not in _LOADED:
+        _LOADED[str(data_dir)] = PreparedDataset.load(data_dir)
+    return _LOADED[str(data_dir)]
+
+
+def item_mask(num_items: int, items) -> np.ndarray:
+    """(num_items + 1,) bool, True at `items`."""
+    mask = np.zeros(num_items + 1, dtype=bool)
+    mask[np.asarray(items, dtype=np.int64)] = True
+    return mask
+
+
 def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainParams,
               held_out: tuple[int, ...] = ()) -> dict:
     """Train one model with one seed (without the `held_out` items, for cold start) and return its validation
     metrics, per-user test ranks, best epoch, time, validation curve and (M2Rec) mean gate weights. Runs in the
     calling process or in a worker of the pool."""
-    if data_dir not in _LOADED:
-        _LOADED[data_dir] = PreparedDataset.load(data_dir)
-    data = _LOADED[data_dir]
+    data = _dataset(data_dir)
     model_type, params, train_overrides = configure(variant, point, MAX_LENGTH)
     text_key = (data_dir, model_type, params.use_text)
     if text_key not in _LOADED:
         _LOADED[text_key] = text_matrix(data, model_type, params, TextEncoderParams())
     sequences = None
     if held_out:
-        mask = np.zeros(data.num_items + 1, dtype=bool)
-        mask[list(held_out)] = True
+        mask = item_mask(data.num_items, held_out)
         sequences = [s[~mask[s]] for s in data.train_sequences()]
     with tempfile.TemporaryDirectory() as checkpoints:
         model, result = fit(data, model_type, params, dataclasses.replace(train, seed=seed, **train_overrides),
@@ -196,9 +206,7 @@ class Study:
 
     @property
     def data(self) -> PreparedDataset:
-        if str(self.data_dir) not in _LOADED:
-            _LOADED[str(self.data_dir)] = PreparedDataset.load(self.data_dir)
-        return _LOADED[str(self.data_dir)]
+        return _dataset(self.data_dir)
 
     def _stored(self, job: tuple) -> Path:
         """Where a job's outcome is kept: named by a hash of the job, the model configuration it resolves to, the
@@ -261,17 +269,16 @@ def cold_start_jobs(data: PreparedDataset, point_of: dict, seed: int) -> tuple[n
 
 def cold_start_report(data: PreparedDataset, held_out: np.ndarray, outcomes: list[dict]) -> dict:
     """HR@10 on the test cases whose target is a held-out item, per model, beside chance."""
-    mask = np.zeros(data.num_items + 1, dtype=bool)
-    mask[held_out] = True
     _, targets = data.histories("test")
-    cases = mask[targets]
+    cases = item_mask(data.num_items, held_out)[targets]
     out = {"held_out_items": int(len(held_out)), "test_cases": int(cases.sum()), "chance_HR@10": 10 / data.num_items}
     for variant, outcome in zip(COLD_START_MODELS, outcomes):
         cold = outcome["ranks"][cases]
-        out[variant] = {"HR@10": float((cold < 10).mean()) if cases.any() else None,
-                        "HR@100": float((cold < 100).mean()) if cases.any() else None,
-                        "median_rank": float(np.median(cold)) + 1 if cases.any() else None,
+        out[variant] = {"HR@10": None, "HR@100": None, "median_rank": None,
                         "warm_HR@10": float((outcome["ranks"][~cases] < 10).mean()), "device": outcome["device"]}
+        if cases.any():
+            out[variant].update({"HR@10": float((cold < 10).mean()), "HR@100": float((cold < 100).mean()),
+                                 "median_rank": float(np.median(cold)) + 1})
     return out
 
 
@@ -319,7 +326,8 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
 
         ours = pooled("m2rec")
         for other in (v for v in runs if v != "m2rec"):
-            meta["significance"][other] = {m: paired_test(ours[m], pooled(other)[m]) for m in ours}
+            theirs = pooled(other)
+            meta["significance"][other] = {m: paired_test(ours[m], theirs[m]) for m in ours}
     return {**{v: summarize(r) for v, r in runs.items()}, "_meta": meta}
 
 
@@ -365,9 +373,10 @@ def markdown(results: dict) -> str:
         cold = meta.get("cold_start")
         if cold:
             lines += ["", f"Cold start: {cold['held_out_items']} items held out of training, {cold['test_cases']} "
-                      f"test targets among them; chance HR@10 {cold['chance_HR@10']:.4f}.", "",
-                      "| model | cold HR@10 | cold HR@100 | cold median rank | HR@10, other test users | trained on |",
-                      "|---|---|---|---|---|---|"]
+                      f"test targets among them; chance HR@10 {cold['chance_HR@10']:.4f}."]
+        if cold and cold["test_cases"]:  # without test targets among the held-out items there is nothing to rank
+            lines += ["", "| model | cold HR@10 | cold HR@100 | cold median rank | HR@10, other test users | "
+                      "trained on |", "|---|---|---|---|---|---|"]
             lines += [f"| {v} | {cold[v]['HR@10']:.4f} | {cold[v]['HR@100']:.4f} | {cold[v]['median_rank']:.0f} | "
                       f"{cold[v]['warm_HR@10']:.4f} | {cold[v]['device']} |" for v in COLD_START_MODELS]
         lines += ["", f"Grid ({len(meta['grid'])} points, chosen on validation NDCG@10 at the first seed): "

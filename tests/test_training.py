@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from m2rec.evaluation.metrics import metrics_from_ranks, target_ranks
 from m2rec.inference import Recommender
 from m2rec.model.config import ModelParams
+from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
-from m2rec.model.factory import build_model
 from m2rec.training.trainer import NextItemLoss, TrainParams, trained_item_mask
 
 BIN = Path(sys.executable).parent
@@ -46,7 +46,6 @@ def test_windows_cover_every_next_item_once():
     assert targets == list(range(2, 12)) and all(len(w) <= 5 for w in windows)
     batches = list(epoch_batches(windows, batch_size=2, seed=0, rank=1, world_size=2))
     assert len(batches) == 1  # 3 windows -> 2 batches -> one per rank
-
 
 
 def test_length_buckets_cut_padding_and_keep_every_window_once():
@@ -76,6 +75,7 @@ def test_items_absent_from_training_are_not_pushed_down_as_negatives():
         NextItemLoss(model, trained_items)(inputs, targets).backward()
         grad = model.item_embedding.weight.grad  # (6, H)
         assert (grad[4:].abs().sum() == 0) == untouched and grad[1:4].abs().sum() > 0
+
 
 def write_params(path: Path, epochs: int, **model) -> Path:
     path.write_text(yaml.safe_dump({"model": {**FAST, **model}, "train": {"epochs": epochs, "batch_size": 32,
