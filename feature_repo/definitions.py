@@ -18,26 +18,28 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
               description="A catalog item, by the dataset's original id.")
 
-# One row per interaction: the user's most recent items up to and including that event, stamped with its time.
+# Per user, a snapshot of the user's recent items at each split cutoff (train, valid, latest), stamped with its time.
 user_sequences_source = FileSource(name="user_sequences_source", path=str(DATA / "user_sequences.parquet"),
                                    timestamp_field="event_timestamp")
 
 # New events while serving: rows of the same shape, written straight to the online store.
 user_events = PushSource(name="user_events", batch_source=user_sequences_source)
 
-user_recent_items = FeatureView(
-    name="user_recent_items",
-    entities=[user],
-    ttl=NO_EXPIRY,
-    schema=[
-        Field(name="item_sequence", dtype=Array(Int64),
-              description="item_idx of the user's most recent items (at most max_sequence_length), oldest first"),
-        Field(name="sequence_length", dtype=Int64, description="Length of item_sequence."),
-        Field(name="last_event_time", dtype=UnixTimestamp, description="Time of the user's latest event."),
-    ],
-    source=user_events,  # materialized from its batch source, updated online by pushes
-    online=True,
-)
+SEQUENCE_FIELDS = [
+    Field(name="item_sequence", dtype=Array(Int64),
+          description="item_idx of the user's most recent items (at most max_sequence_length), oldest first"),
+    Field(name="sequence_length", dtype=Int64, description="Length of item_sequence."),
+    Field(name="last_event_time", dtype=UnixTimestamp, description="Time of the user's latest event."),
+]
+
+# The build's snapshot: never pushed to, so a user's history as of the build's cutoff stays what it was. The
+# service adds the events logged since (m2rec.features.live) and training reads it point in time.
+user_history = FeatureView(name="user_history", entities=[user], ttl=NO_EXPIRY, schema=SEQUENCE_FIELDS,
+                           source=user_sequences_source, online=True)
+
+# The user's current sequence: the snapshot, then updated online by every accepted event (pushes).
+user_recent_items = FeatureView(name="user_recent_items", entities=[user], ttl=NO_EXPIRY, schema=SEQUENCE_FIELDS,
+                                source=user_events, online=True)
 
 # One row per catalog item.
 item_features_source = FileSource(name="item_features_source", path=str(DATA / "item_features.parquet"),
@@ -56,9 +58,11 @@ item_features = FeatureView(
     online=True,
 )
 
-training = FeatureService(name="training", features=[user_recent_items[["item_sequence", "sequence_length"]]],
+training = FeatureService(name="training", features=[user_history[["item_sequence", "sequence_length"]]],
                           description="Point-in-time sequences for training (offline store).")
-serving = FeatureService(name="serving", features=[user_recent_items],
-                         description="Users' current sequences for serving (online store).")
+snapshot = FeatureService(name="snapshot", features=[user_history],
+                          description="Users' sequences as of the build's cutoff (online store).")
+current = FeatureService(name="current", features=[user_recent_items],
+                         description="Users' current sequences, every accepted event included (online store).")
 item_text = FeatureService(name="item_text", features=[item_features],
                            description="Item indices, titles and text embeddings (both stores).")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,39 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     prepare(SourceSpec("synthetic"), out, synthetic=SyntheticParams(n_users=120, n_items=80, max_length=30))
     return out
+
+
+PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def redis_reachable() -> bool:
+    try:
+        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the local PostgreSQL server as postgresql://USER@HOST:PORT/DB, dropped afterwards;
+    skips, saying why, when there is no server."""
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (dependency psycopg2-binary)")
+    admin, reason = None, ""
+    for user in ("postgres", "root"):
+        try:
+            admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, dbname=PG_DATABASE, user=user, connect_timeout=3)
+            break
+        except psycopg2.OperationalError as err:
+            reason = str(err).strip()
+    if admin is None:
+        pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT}/{PG_DATABASE} is unreachable: {reason}")
+    admin.autocommit = True
+    database = f"m2rec_test_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    yield f"postgresql://{admin.info.user}@{PG_HOST}:{PG_PORT}/{database}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    admin.close()

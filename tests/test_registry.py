@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from m2rec.inference import Recommender
 from m2rec.registry.aliases import decide
 from m2rec.stages.register import register
 
-PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
 
 
 def train_tiny_model(data_dir: Path, output: Path) -> Path:
@@ -217,29 +215,12 @@ def test_register_and_package_commands(model_dir, tmp_path):
 
 
 @pytest.fixture
-def postgres_uri(tmp_path):
-    """A fresh database on the local PostgreSQL server, dropped afterwards; skips when there is no server."""
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (dependency psycopg2-binary)")
-    admin = None
-    for user in ("postgres", "root"):
-        try:
-            admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, dbname=PG_DATABASE, user=user, connect_timeout=3)
-            break
-        except psycopg2.OperationalError as err:
-            reason = str(err).strip()
-    if admin is None:
-        pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT}/{PG_DATABASE} is unreachable: {reason}")
-    admin.autocommit = True
-    database = f"m2rec_registry_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database}")
-    yield f"postgresql+psycopg2://{admin.info.user}@{PG_HOST}:{PG_PORT}/{database}"
+def postgres_uri(postgres_url):
+    """The fresh PostgreSQL database as an MLflow tracking URI."""
+    yield postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
     import mlflow
 
-    mlflow.set_tracking_uri(None)  # let MLflow's connections to the database go before dropping it
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-    admin.close()
+    mlflow.set_tracking_uri(None)  # let MLflow's connections to the database go before it is dropped
 
 
 def test_registry_on_postgresql(postgres_uri, model_dir, tmp_path):

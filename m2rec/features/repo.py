@@ -1,8 +1,12 @@
-"""The Feast repository a build works in: definitions copied from `feature_repo/`, a configured feature_store.yaml,
-and a gitignored `data/` folder for the parquet tables, the registry and the SQLite online store."""
+"""Feature builds: each a Feast repository of its own under a root folder, named by its build key (the dataset
+version and the settings), with the definitions of the `feature_repo` package, a configured feature_store.yaml and
+a `data/` folder for the parquet tables, the registry and the SQLite online store. A build is written once and never
+overwritten, so the build a service reads cannot change under it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import shutil
@@ -19,8 +23,7 @@ from m2rec.data.errors import DataError
 log = logging.getLogger(__name__)
 logging.getLogger("feast.infra.registry.registry").setLevel(logging.WARNING)  # "cache expired" on every read
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "feature_repo"  # the committed definitions
-DEFINITION_FILES = ("definitions.py", ".feastignore", ".gitignore")
+DEFINITION_FILES = ("definitions.py", ".feastignore")
 DATA_FOLDER = "data"  # inside the repository; relative paths in definitions.py point here
 ONLINE_STORES = ("sqlite", "redis")
 
@@ -29,14 +32,32 @@ ONLINE_STORES = ("sqlite", "redis")
 class FeatureParams:
     """How features are built and where they are served from (params.yaml section `features`)."""
 
-    project: str = "m2rec"  # Feast project name; also the key prefix in Redis
+    project: str = "m2rec"  # Feast project name prefix (each build's project adds its build key); Redis key prefix
+    root: str = "artifacts/features"  # folder holding one Feast repository per build
     max_sequence_length: int = 200  # items kept per user sequence (the most recent ones)
     online_store: str = "sqlite"  # "sqlite": data/online_store.db in the repository; "redis": a Redis server
-    redis_connection_string: str = "127.0.0.1:6379"  # Feast syntax: host:port[,password=...][,ssl=true]
+    # Feast syntax host:port[,password=...][,ssl=true]; ${VAR} is read from the environment when Feast loads the
+    # repository, so a password stays a secret: "redis:6379,password=${M2REC_REDIS_PASSWORD}"
+    redis_connection_string: str = "127.0.0.1:6379"
 
 
-def repo_config(params: FeatureParams) -> dict:
-    """Check `params`; return feature_store.yaml's content: the committed template, project and online store set."""
+def template_dir() -> Path:
+    """The committed definitions (the `feature_repo` package, installed beside m2rec)."""
+    from importlib.resources import files
+
+    return Path(str(files("feature_repo")))
+
+
+def build_key(dataset_version: str, params: FeatureParams, text_model: str) -> str:
+    """The name of a build: its dataset version and a digest of what else shapes its features."""
+    settings = json.dumps({"max_sequence_length": params.max_sequence_length, "text_model": text_model,
+                           "online_store": params.online_store, "project": params.project}, sort_keys=True)
+    return f"{dataset_version}_{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+
+
+def repo_config(params: FeatureParams, key: str) -> dict:
+    """Check `params`; return feature_store.yaml's content for build `key`: the committed template, the build's
+    project (its Redis key prefix) and online store set."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", params.project):
         raise DataError(f"features.project={params.project!r} is not a valid Feast project name",
                         "use letters, digits and underscores, starting with a letter or digit")
@@ -46,31 +67,22 @@ def repo_config(params: FeatureParams) -> dict:
     if params.online_store not in ONLINE_STORES:
         raise DataError(f"features.online_store={params.online_store!r} is not supported",
                         f"use one of {', '.join(ONLINE_STORES)}")
-    template = TEMPLATE_DIR / "feature_store.yaml"
-    if not template.is_file():
-        raise DataError(f"feature definitions not found at {TEMPLATE_DIR}",
-                        "run from a checkout of the repository (feature_repo/ sits next to m2rec/)")
-    config = yaml.safe_load(template.read_text())
-    config["project"] = params.project
+    config = yaml.safe_load((template_dir() / "feature_store.yaml").read_text())
+    config["project"] = f"{params.project}_{key}"
     if params.online_store == "redis":
         config["online_store"] = {"type": "redis", "connection_string": params.redis_connection_string}
     return config
 
 
-def write_repo(repo_dir: Path, params: FeatureParams) -> Path:
-    """Make `repo_dir` a Feast repository for `params`; return its data folder."""
-    config = repo_config(params)
+def write_repo(repo_dir: Path, params: FeatureParams, key: str) -> Path:
+    """Make `repo_dir` the Feast repository of build `key`; return its data folder."""
+    config = repo_config(params, key)
     repo_dir.mkdir(parents=True, exist_ok=True)
-    if repo_dir.resolve() == TEMPLATE_DIR:
-        if config != yaml.safe_load((TEMPLATE_DIR / "feature_store.yaml").read_text()):
-            raise DataError("the committed feature_repo/ keeps the default configuration",
-                            "pass --repo a working folder (e.g. artifacts/feature_repo) for other settings")
-    else:
-        for name in DEFINITION_FILES:
-            shutil.copyfile(TEMPLATE_DIR / name, repo_dir / name)
-        (repo_dir / "feature_store.yaml").write_text(
-            "# Written by `m2rec features build` from feature_repo/feature_store.yaml; edits are overwritten.\n"
-            + yaml.safe_dump(config, sort_keys=False))
+    for name in DEFINITION_FILES:
+        shutil.copyfile(template_dir() / name, repo_dir / name)
+    (repo_dir / "feature_store.yaml").write_text(
+        "# Written by `m2rec features build` from feature_repo/feature_store.yaml; edits are overwritten.\n"
+        + yaml.safe_dump(config, sort_keys=False))
     data = repo_dir / DATA_FOLDER
     data.mkdir(exist_ok=True)
     return data

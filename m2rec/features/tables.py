@@ -1,9 +1,10 @@
 """The offline feature tables Feast reads, built from the canonical tables.
 
-`user_sequences.parquet` holds one row per interaction: the user's most recent `max_length` items up to and
-including that event (oldest first), stamped with the event's time. A point-in-time lookup at time t therefore
-returns the user's history as of t, and the latest row of each user, the one materialized online, is the user's
-full known history (train + valid + test).
+`user_sequences.parquet` holds, for each user, a snapshot of the user's most recent `max_length` items (oldest
+first) at each split cutoff: the last training event, the validation event and the test event, each stamped with
+that event's time. A point-in-time lookup at a cutoff returns the user's history as of it (between cutoffs: as of
+the latest cutoff before), and the latest row of each user, the one materialized online, is the user's full known
+history (train + valid + test). Three snapshots per user, not one per event: the table grows with users x window.
 """
 
 from __future__ import annotations
@@ -48,25 +49,43 @@ def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def user_sequence_table(interactions: pd.DataFrame, max_length: int) -> pa.Table:
-    """One row per interaction: user_id, event_timestamp, item_sequence, sequence_length, last_event_time."""
-    ordered = in_event_order(interactions)
+def _window_columns(ordered: pd.DataFrame, rows: np.ndarray, max_length: int) -> dict[str, pa.Array]:
+    """item_sequence and sequence_length of the windows ending at `rows` (positions in `ordered`): each the user's
+    most recent `max_length` items up to and including that row, oldest first."""
     items = ordered["item_idx"].to_numpy(np.int64)  # (E,)
     users = ordered["user_idx"].to_numpy()
     position = np.arange(len(ordered))  # (E,)
     new_user = np.concatenate([[True], users[1:] != users[:-1]])
-    user_start = np.maximum.accumulate(np.where(new_user, position, 0))  # (E,) first row of each row's user
-    first = np.maximum(user_start, position + 1 - max_length)  # (E,) first row of each row's window
-    lengths = position + 1 - first  # (E,)
-    # window rows, concatenated: row i contributes first[i] .. i
+    user_start = np.maximum.accumulate(np.where(new_user, position, 0))[rows]  # (R,) first row of each row's user
+    first = np.maximum(user_start, rows + 1 - max_length)  # (R,) first row of each window
+    lengths = rows + 1 - first  # (R,)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    window_rows = np.repeat(first - offsets, lengths) + np.arange(int(lengths.sum()))
+    window_rows = np.repeat(first - offsets, lengths) + np.arange(int(lengths.sum()))  # windows, concatenated
+    return {"item_sequence": _list_array(items[window_rows], lengths),
+            "sequence_length": pa.array(lengths.astype(np.int64))}
+
+
+def cutoff_rows(ordered: pd.DataFrame) -> np.ndarray:
+    """Positions (in `ordered`) of each user's last event of every split: the train cutoff, the valid event and
+    the test event, the user's latest. A user's history as of any of these is what training, evaluation and
+    serving read."""
+    users, splits = ordered["user_idx"].to_numpy(), ordered["split"].astype(str).to_numpy()
+    last_of_run = np.concatenate([(users[1:] != users[:-1]) | (splits[1:] != splits[:-1]), [True]])
+    return np.flatnonzero(last_of_run)
+
+
+def user_sequence_table(interactions: pd.DataFrame, max_length: int) -> pa.Table:
+    """One row per user and split cutoff (see `cutoff_rows`): user_id, event_timestamp, item_sequence,
+    sequence_length, last_event_time. At most 3 x users rows of at most `max_length` items: the table grows with
+    users x window, not with events x window."""
+    ordered = in_event_order(interactions)
+    rows = cutoff_rows(ordered)  # (R,)
+    at_rows = ordered.iloc[rows]
     return pa.table({
-        "user_id": pa.array(ordered["user_id"].astype(str).to_numpy()),
-        "event_timestamp": _micro_timestamps(event_times(ordered)),
-        "item_sequence": _list_array(items[window_rows], lengths),
-        "sequence_length": pa.array(lengths.astype(np.int64)),
-        "last_event_time": _micro_timestamps(ordered["timestamp"]),
+        "user_id": pa.array(at_rows["user_id"].astype(str).to_numpy()),
+        "event_timestamp": _micro_timestamps(event_times(ordered).iloc[rows]),
+        **_window_columns(ordered, rows, max_length),
+        "last_event_time": _micro_timestamps(at_rows["timestamp"]),
     })
 
 

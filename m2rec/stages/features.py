@@ -1,8 +1,11 @@
-"""Stage: item text embeddings and user sequences -> Feast offline tables -> `feast apply` -> online store."""
+"""Stage: item text embeddings and user sequences -> Feast offline tables -> `feast apply` -> online store, as a
+new build of its own under the feature root (never over the build a service reads)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from m2rec.data.prepared import PreparedDataset
-from m2rec.features.repo import FeatureParams, feast_apply, feature_store, write_repo
+from m2rec.features.repo import FeatureParams, build_key, feast_apply, feature_store, write_repo
 from m2rec.features.store import BUILD_FILE
 from m2rec.features.tables import (
     ITEM_FEATURES_FILE,
@@ -25,14 +28,24 @@ from m2rec.utils.atomic import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def build_features(data_dir: str | Path, repo_dir: str | Path, params: FeatureParams | None = None,
+def build_features(data_dir: str | Path, feature_root: str | Path | None = None, params: FeatureParams | None = None,
                    text: TextEncoderParams | None = None) -> dict:
-    """Build the features of the tables in `data_dir` into the Feast repository `repo_dir` (replacing an earlier
-    build there) and materialize them; return counts, paths and timings (also in `<repo_dir>/data/build.json`)."""
+    """Build the features of the tables in `data_dir` into `<feature_root>/<build key>` (default root:
+    `params.root`) and materialize them; return counts, paths and timings (also `<build>/data/build.json`).
+
+    A finished build of the same key (same dataset version and settings) is reused as it is; a build left
+    unfinished by a crash is removed first. No other build is touched."""
     params, text = params or FeatureParams(), text or TextEncoderParams()
     dataset = PreparedDataset.load(data_dir)
-    repo_dir = Path(repo_dir)
-    data = write_repo(repo_dir, params)
+    key = build_key(dataset.stats["dataset_version"], params, text.model)
+    repo_dir = Path(feature_root or params.root) / key
+    done = repo_dir / "data" / BUILD_FILE
+    if done.is_file():
+        log.info("feature build %s exists: reusing it", repo_dir)
+        return json.loads(done.read_text())
+    if repo_dir.exists():
+        _remove_unfinished(repo_dir)
+    data = write_repo(repo_dir, params, key)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -50,10 +63,6 @@ def build_features(data_dir: str | Path, repo_dir: str | Path, params: FeaturePa
     log.info("wrote %d sequence rows and %d item rows to %s", sequences.num_rows, len(dataset.items), data)
 
     start = time.perf_counter()
-    if (data / "registry.db").exists():  # a build replaces the last one, stale users included
-        previous = feature_store(repo_dir)
-        previous.teardown()  # the online store: the SQLite file, or the project's Redis keys
-        previous.registry.teardown()  # else `feast apply` sees "no changes" and creates no tables
     log.info("feast apply in %s (online store: %s)", repo_dir, params.online_store)
     feast_apply(repo_dir)
     timings["apply_s"] = time.perf_counter() - start
@@ -67,8 +76,10 @@ def build_features(data_dir: str | Path, repo_dir: str | Path, params: FeaturePa
     timings["materialize_s"] = time.perf_counter() - start
 
     summary = {
+        "build_key": key,
         "data_dir": str(data_dir),
         "dataset_version": dataset.stats.get("dataset_version"),
+        "events_through_seq": int((dataset.stats.get("events") or {}).get("through_seq", 0)),
         "repo_dir": str(repo_dir),
         "params": asdict(params),
         "text_model": text.model,
@@ -78,6 +89,18 @@ def build_features(data_dir: str | Path, repo_dir: str | Path, params: FeaturePa
         "files": {"user_sequences": str(data / USER_SEQUENCES_FILE), "item_features": str(data / ITEM_FEATURES_FILE)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
-    atomic_write_json(data / BUILD_FILE, summary)
+    atomic_write_json(done, summary)  # last: a build without it is unfinished
     log.info("features built in %s: %s", repo_dir, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return summary
+
+
+def _remove_unfinished(repo_dir: Path) -> None:
+    """Remove what a crashed build left: its online rows (its own project's keys) and its folder."""
+    log.warning("removing the unfinished feature build %s", repo_dir)
+    if (repo_dir / "data" / "registry.db").exists():
+        try:
+            feature_store(repo_dir).teardown()
+        except Exception as err:  # the registry itself may be what the crash left broken
+            log.warning("could not tear down the unfinished build's online store: %s", err)
+    shutil.rmtree(repo_dir)
+
