@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
-import socket
 import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,8 @@ from click.testing import CliRunner
 from m2rec.data.errors import DataError
 from m2rec.data.prepared import PreparedDataset
 from m2rec.data.sources import SourceSpec
+from m2rec.events.log import Event, EventLog
+from m2rec.features.live import LiveSequences
 from m2rec.features.repo import FeatureParams, feature_store, write_repo
 from m2rec.features.store import FeatureClient
 from m2rec.features.tables import split_cutoffs, user_sequence_table
@@ -22,7 +25,7 @@ from m2rec.stages.features import build_features
 from m2rec.stages.prepare import prepare
 from m2rec.text.embeddings import TextEncoderParams, resolve_model_path
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+from conftest import REDIS_HOST, REDIS_PORT, redis_reachable
 SHORT = 20  # max_sequence_length of the synthetic build: shorter than its longest users, so windows are cut
 
 
@@ -35,7 +38,7 @@ def model_dim() -> int:
 def assert_sequences_match_feast(client: FeatureClient, dataset: PreparedDataset, max_length: int) -> None:
     """Online: each user's full history; offline at the train cutoff: the training sequence (point in time)."""
     users = dataset.interactions.drop_duplicates("user_idx").sort_values("user_idx")["user_id"].tolist()
-    online = client.user_sequences(users)
+    online = client.snapshot_sequences(users)
     assert online == [seq[-max_length:].tolist() for seq in dataset.user_sequences]
     train = client.training_sequences(split_cutoffs(dataset.interactions, "train"))
     assert train["user_idx"].tolist() == list(range(1, dataset.num_users + 1))
@@ -48,33 +51,34 @@ def synthetic_repo(tiny_synthetic, tmp_path_factory):
     """The tiny synthetic dataset built as a user would: `m2rec features build`."""
     from m2rec.cli import cli
 
-    repo = tmp_path_factory.mktemp("features") / "repo"
-    result = CliRunner().invoke(cli, ["features", "build", "--data", str(tiny_synthetic), "--repo", str(repo),
+    root = tmp_path_factory.mktemp("features")
+    result = CliRunner().invoke(cli, ["features", "build", "--data", str(tiny_synthetic), "--root", str(root),
                                       "--max-sequence-length", str(SHORT)])
     assert result.exit_code == 0, result.output
-    return repo
+    return Path(json.loads(result.stdout)["repo_dir"])
 
 
-def test_sequence_table_keeps_the_recent_window_and_orders_ties():
+def test_sequence_table_holds_a_snapshot_per_split_cutoff_and_orders_ties():
     interactions = pd.DataFrame({
-        "user_id": ["a"] * 4 + ["b"] * 2,
-        "user_idx": [1] * 4 + [2] * 2,
-        "item_idx": [5, 6, 7, 8, 9, 5],
-        "timestamp": pd.to_datetime([10, 20, 20, 30, 10, 10], unit="s", utc=True),
+        "user_id": ["a"] * 5 + ["b"] * 3,
+        "user_idx": [1] * 5 + [2] * 3,
+        "item_idx": [5, 6, 7, 8, 4, 9, 5, 3],
+        "timestamp": pd.to_datetime([10, 20, 20, 30, 40, 10, 10, 10], unit="s", utc=True),
+        "split": ["train", "train", "train", "valid", "test", "train", "valid", "test"],
     })
     table = user_sequence_table(interactions, max_length=2).to_pandas()
-    assert [list(s) for s in table["item_sequence"]] == [[5], [5, 6], [6, 7], [7, 8], [9], [9, 5]]
-    assert table["sequence_length"].tolist() == [1, 2, 2, 2, 1, 2]
+    assert [list(s) for s in table["item_sequence"]] == [[6, 7], [7, 8], [8, 4], [9], [9, 5], [5, 3]]
+    assert table["sequence_length"].tolist() == [2, 2, 2, 1, 2, 2]
     # events in the same second get distinct, ordered times (1 µs apart); the last event time stays the real one
     assert (table["event_timestamp"] - table["last_event_time"]).dt.total_seconds().mul(1e6).round().tolist() \
-        == [0, 0, 1, 0, 0, 1]
+        == [1, 0, 0, 0, 1, 2]
 
 
 def test_feast_apply_imports_only_the_definitions(tmp_path):
     from feast.repo_operations import get_repo_files
 
     repo = tmp_path / "repo"
-    write_repo(repo, FeatureParams())
+    write_repo(repo, FeatureParams(), "key")
     for stray in ("scripts/workflow.py", "test_repo.py", "data/helper.py"):
         (repo / stray).parent.mkdir(exist_ok=True)
         (repo / stray).write_text("raise SystemExit('feast apply must not import this')\n")
@@ -95,7 +99,7 @@ def test_synthetic_online_and_point_in_time_sequences(synthetic_repo, tiny_synth
     assert max(len(seq) for seq in dataset.user_sequences) > SHORT
     client = FeatureClient(synthetic_repo)
     assert_sequences_match_feast(client, dataset, SHORT)
-    assert client.user_sequences(["nobody", dataset.interactions["user_id"].iloc[0]])[0] is None  # no history
+    assert client.snapshot_sequences(["nobody", dataset.interactions["user_id"].iloc[0]])[0] is None  # no history
     # at the valid cutoff a user's sequence ends with the valid item: the test item is not yet known
     valid = client.training_sequences(split_cutoffs(dataset.interactions, "valid"))
     assert [list(s) for s in valid["item_sequence"]] == [s[:-1][-SHORT:].tolist() for s in dataset.user_sequences]
@@ -113,54 +117,71 @@ def test_synthetic_item_embeddings_come_through_the_offline_store(synthetic_repo
     assert build["embedding_dim"] == model_dim() and build["counts"]["items"] == len(items)
 
 
-def test_push_appends_to_the_online_sequence(synthetic_repo, tiny_synthetic):
+def test_live_sequences_add_logged_events_in_time_order_and_mirror_them_online(synthetic_repo, tiny_synthetic,
+                                                                              tmp_path):
     dataset = PreparedDataset.load(tiny_synthetic)
     client = FeatureClient(synthetic_repo)
-    user, item = dataset.interactions["user_id"].iloc[-1], dataset.items.iloc[0]
-    before = client.user_sequences([user])[0]
-    after = client.push_event(user, item["item_id"])
-    assert after == (before + [int(item["item_idx"])])[-SHORT:] and len(after) <= SHORT
-    assert client.user_sequences([user]) == [after]
-    assert client.push_event("brand-new-user", item["item_id"]) == [int(item["item_idx"])]
-    with pytest.raises(DataError, match="unknown item_id 'no-such-item'"):
-        client.push_event(user, "no-such-item")
-    with pytest.raises(DataError, match="in time order"):
-        client.push_event(user, item["item_id"], timestamp="2001-01-01")
+    live = LiveSequences(client, EventLog(f"sqlite:///{tmp_path / 'events.db'}"))
+    user, (a, b) = dataset.interactions["user_id"].iloc[-1], dataset.items.iloc[:2].itertuples()
+    before = client.snapshot_sequences([user])[0]
+    now = datetime.now(timezone.utc)
+    live.record([Event(user, b.item_id, now)])
+    live.record([Event(user, a.item_id, now - timedelta(hours=1)), Event("brand-new", a.item_id, now)])  # late
+    expected = (before + [a.item_idx, b.item_idx])[-SHORT:]
+    assert live.histories([user, "brand-new", "nobody"]) == [expected, [a.item_idx], []]
+    assert client.current_sequences([user, "brand-new"]) == [expected, [a.item_idx]]  # what Feast users see
+    assert client.snapshot_sequences([user]) == [before]  # the build itself never changes
+    # a newer build that saw these events (its cutoff) adds none of them twice
+    live.after_seq = live.events.cutoff()
+    assert live.histories([user]) == [before]
+
+
+def test_builds_are_versioned_reused_and_never_overwritten(tiny_synthetic, tmp_path):
+    root = tmp_path / "features"
+    first = build_features(tiny_synthetic, root, FeatureParams(max_sequence_length=SHORT))
+    again = build_features(tiny_synthetic, root, FeatureParams(max_sequence_length=SHORT))
+    assert again == first  # the same key: reused, not rebuilt
+    other = build_features(tiny_synthetic, root, FeatureParams(max_sequence_length=SHORT + 1))
+    assert other["repo_dir"] != first["repo_dir"] and Path(first["repo_dir"]).is_dir()
+    assert FeatureClient(first["repo_dir"]).max_sequence_length == SHORT  # the first build is intact
+    unfinished = Path(other["repo_dir"])
+    (unfinished / "data" / "build.json").unlink()  # as if a crash interrupted it
+    rebuilt = build_features(tiny_synthetic, root, FeatureParams(max_sequence_length=SHORT + 1))
+    assert rebuilt["build_key"] == other["build_key"] and FeatureClient(unfinished).max_sequence_length == SHORT + 1
 
 
 def test_ml100k_features(ml100k_dir, tmp_path):
     prepare(SourceSpec("movielens", str(ml100k_dir)), tmp_path / "ml-100k")
-    summary = build_features(tmp_path / "ml-100k", tmp_path / "repo", FeatureParams())
+    summary = build_features(tmp_path / "ml-100k", tmp_path / "features", FeatureParams())
     dataset = PreparedDataset.load(tmp_path / "ml-100k")
-    assert summary["counts"] == {"users": 943, "items": 1349, "sequence_rows": 99287}
+    # a snapshot per user and split cutoff: users x 3 rows of at most 200 items, not one per event (99,287)
+    assert summary["counts"] == {"users": 943, "items": 1349, "sequence_rows": 943 * 3}
+    stored = pd.read_parquet(summary["files"]["user_sequences"])
+    assert stored["sequence_length"].sum() <= 943 * 3 * 200 and len(stored) == 943 * 3
     assert summary["embedding_dim"] == model_dim()
-    client = FeatureClient(tmp_path / "repo")
+    client = FeatureClient(summary["repo_dir"])
     assert_sequences_match_feast(client, dataset, 200)
-    assert client.user_sequences(["99999"]) == [None]
+    assert client.snapshot_sequences(["99999"]) == [None]
     assert client.item_embeddings()[1].shape == (1349, model_dim())
-
-
-def redis_reachable() -> bool:
-    try:
-        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not redis_reachable(), reason=f"no Redis server at {REDIS_HOST}:{REDIS_PORT}")
 def test_redis_online_store(tiny_synthetic, tmp_path):
     params = FeatureParams(project=f"m2rec_test_{uuid.uuid4().hex[:8]}", online_store="redis",
                            redis_connection_string=f"{REDIS_HOST}:{REDIS_PORT}")
-    build_features(tiny_synthetic, tmp_path / "repo", params)
+    repo = build_features(tiny_synthetic, tmp_path / "features", params)["repo_dir"]
     try:
         dataset = PreparedDataset.load(tiny_synthetic)
-        client = FeatureClient(tmp_path / "repo")
+        client = FeatureClient(repo)
         assert client.store.config.online_store.type == "redis"
         assert_sequences_match_feast(client, dataset, params.max_sequence_length)
+        live = LiveSequences(client, EventLog(f"sqlite:///{tmp_path / 'events.db'}"))
         user, item = dataset.interactions["user_id"].iloc[0], dataset.items.iloc[3]
-        pushed = client.push_event(user, item["item_id"])
-        assert pushed == dataset.user_sequences[0].tolist() + [int(item["item_idx"])]
-        assert client.user_sequences([user, "nobody"]) == [pushed, None]
+        now = datetime.now(timezone.utc)
+        live.record([Event(user, item["item_id"], now)])
+        live.record([Event(user, item["item_id"], now - timedelta(minutes=5))])  # late: an older row time
+        expected = dataset.user_sequences[0].tolist() + [int(item["item_idx"])] * 2
+        assert live.histories([user]) == [expected]
+        assert client.current_sequences([user, "nobody"]) == [expected, None]  # Redis kept the newer write
     finally:
-        feature_store(tmp_path / "repo").teardown()  # remove this project's keys
+        feature_store(repo).teardown()  # remove this project's keys

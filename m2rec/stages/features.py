@@ -3,9 +3,11 @@ new build of its own under the feature root (never over the build a service read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,8 +73,9 @@ def build_features(data_dir: str | Path, feature_root: str | Path | None = None,
     last_event = pd.Timestamp(sequences.column("event_timestamp").to_pandas().max())
     log.info("materializing %d users and %d items to the %s online store", dataset.num_users,
              len(dataset.items), params.online_store)
-    feature_store(repo_dir).materialize(first_event.to_pydatetime(),
-                                        (last_event + pd.Timedelta(seconds=1)).to_pydatetime())
+    with contextlib.redirect_stdout(sys.stderr):  # Feast prints its progress; stdout is for results
+        feature_store(repo_dir).materialize(first_event.to_pydatetime(),
+                                            (last_event + pd.Timedelta(seconds=1)).to_pydatetime())
     timings["materialize_s"] = time.perf_counter() - start
 
     summary = {
