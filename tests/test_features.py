@@ -126,8 +126,9 @@ def test_live_sequences_add_logged_events_in_time_order_and_mirror_them_online(s
     before = client.snapshot_sequences([user])[0]
     now = datetime.now(timezone.utc)
     live.record([Event(user, b.item_id, now)])
-    live.record([Event(user, a.item_id, now - timedelta(hours=1)), Event("brand-new", a.item_id, now)])  # late
-    expected = (before + [a.item_idx, b.item_idx])[-SHORT:]
+    _, lengths = live.record([Event(user, a.item_id, now - timedelta(hours=1)), Event("brand-new", a.item_id, now)])
+    expected = (before + [a.item_idx, b.item_idx])[-SHORT:]  # the late event is placed before the other one
+    assert lengths == {user: len(expected), "brand-new": 1}
     assert live.histories([user, "brand-new", "nobody"]) == [expected, [a.item_idx], []]
     assert client.current_sequences([user, "brand-new"]) == [expected, [a.item_idx]]  # what Feast users see
     assert client.snapshot_sequences([user]) == [before]  # the build itself never changes

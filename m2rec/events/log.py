@@ -168,6 +168,11 @@ class EventLog:
         row = cursor.fetchone()
         return None if row is None else _logged(row)
 
+    def with_users_locked(self, user_ids: Sequence[str], work: Callable[[Tail], object]) -> None:
+        """Run `work(tail)` with `user_ids` locked as `append` locks them, so no event of theirs commits meanwhile."""
+        with self._backend.transaction(lock_users=sorted(set(user_ids))) as cursor:
+            work(lambda users, after_seq: self._tail(cursor, users, after_seq))
+
     def tail(self, user_ids: Sequence[str], after_seq: int) -> dict[str, list[LoggedEvent]]:
         """Each user's events with seq > `after_seq`, in time order (then log order); users without any are
         left out."""

@@ -42,10 +42,13 @@ class LiveSequences:
         tails = (tail or self.events.tail)(users, self.after_seq)
         return self._merge(self.client.snapshot_sequences(users), users, tails)
 
-    def record(self, events: Sequence[Event]) -> list[Appended]:
-        """Log `events` (durable and applied once) and refresh their users' online sequences before commit."""
-        return self.events.append(events, before_commit=lambda results, tail: self._publish(
-            sorted({r.event.user_id for r in results}), tail))
+    def record(self, events: Sequence[Event]) -> tuple[list[Appended], dict[str, int]]:
+        """Log `events` (durable and applied once) and refresh their users' online sequences before commit;
+        return what the log did with each event and each user's sequence length after them."""
+        lengths: dict[str, int] = {}
+        appended = self.events.append(events, before_commit=lambda results, tail: lengths.update(self._publish(
+            sorted({r.event.user_id for r in results}), tail)))
+        return appended, lengths
 
     def _publish(self, users: list[str], tail: Tail) -> dict[str, int]:
         """Write `users`' current sequences to the online store; return each user's sequence length."""
@@ -63,7 +66,8 @@ class LiveSequences:
         did not see them); return how many users."""
         users = self.events.users_after(self.after_seq)
         for start in range(0, len(users), PUBLISH_BATCH):
-            self._publish(users[start:start + PUBLISH_BATCH], self.events.tail)
+            batch = users[start:start + PUBLISH_BATCH]
+            self.events.with_users_locked(batch, lambda tail: self._publish(batch, tail))
         if users:
             log.info("carried %d users' events since seq %d over to build %s", len(users), self.after_seq,
                      self.client.repo_dir.name)

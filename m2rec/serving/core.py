@@ -1,24 +1,26 @@
-"""What the model worker does, free of BentoML so it can be tested without a server: load the model folder once,
-read users' sequences from the Feast online store, rank batches of queries and push events."""
+"""What the model worker does, free of BentoML so it can be tested without a server: load a model version and the
+feature build it was trained with, derive users' sequences (the build's snapshot plus the events logged since),
+rank batches of queries and record events."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from m2rec.data.errors import DataError
+from m2rec.events.log import Event, EventConflict, EventLog, EventParams
 from m2rec.inference import Recommendation, Recommender
-from m2rec.serving.schemas import (EventResponse, EventResult, Failure, RankQuery, RankResult, RecommendedItem,
-                                   RecommendResponse)
+from m2rec.serving.schemas import (EventIn, EventResponse, EventsResponse, EventsResult, Failure, RankQuery,
+                                   RankResult, RecommendedItem, RecommendResponse)
 
 log = logging.getLogger(__name__)
-BAD_REQUEST, UNAVAILABLE = 400, 503
+BAD_REQUEST, CONFLICT, UNAVAILABLE = 400, 409, 503
 MIN_BUCKET_LENGTH = 16  # histories this short are cheap: no need to split them further
-FEATURE_REPO_FIX = ("set M2REC_FEATURE_REPO (or `m2rec package --feature-repo`) to a repository built by "
-                    "`m2rec features build` from the model's dataset; /recommend_by_history works without one")
+FEATURE_REPO_FIX = ("set M2REC_FEATURE_ROOT (or `m2rec package --feature-root`) to the folder of the feature builds "
+                    "`m2rec features build` wrote for the model's dataset; /recommend_by_history works without one")
 
 
 def open_feature_client(repo: str | Path | None, dataset_version: str | None):
@@ -52,17 +54,27 @@ def length_buckets(rows: list[int], histories: dict[int, list[int]], max_length:
 
 
 class Ranker:
-    """Top-k lists for users (sequences from Feast) and for item histories, one batch at a time."""
+    """One model version and its feature build: top-k lists for users (sequences from the build and the event
+    log) and for item histories, one batch at a time, and events recorded through the log."""
 
-    def __init__(self, model_dir: str | Path, feature_repo: str | Path | None = None, model_version: str = ""):
+    def __init__(self, model_dir: str | Path, feature_repo: str | Path | None = None, model_version: str = "",
+                 events: EventLog | None = None, event_params: EventParams | None = None):
+        from m2rec.features.live import LiveSequences
+
         self.recommender = Recommender(model_dir)
         self.model_version = model_version or self.recommender.config["model_type"]
+        self.event_params = event_params or EventParams()
         dataset_version = self.recommender.config.get("dataset_version")
         self.features, self.features_problem = open_feature_client(feature_repo, dataset_version)
+        self.sequences = None
         if self.features is None:
             log.warning("user recommendations and events are off: %s", self.features_problem)
+        elif events is None:
+            self.features, self.features_problem = None, "no event log is configured (M2REC_EVENTS_URL)"
+            log.warning("user recommendations and events are off: %s", self.features_problem)
         else:
-            log.info("reading user sequences from the feature repository %s", feature_repo)
+            self.sequences = LiveSequences(self.features, events)
+            log.info("reading user sequences from the feature build %s and the event log %s", feature_repo, events)
         log.info("model %s loaded from %s: %d items, dataset %s", self.model_version, model_dir,
                  self.recommender.num_items, dataset_version)
         self._warm_up()
@@ -87,7 +99,7 @@ class Ranker:
             failures.update({i: self._features_unavailable("user_id") for i in rows})
             return {}
         try:
-            sequences = self.features.user_sequences([queries[i].user_id for i in rows])
+            sequences = self.sequences.histories([queries[i].user_id for i in rows])
         except Exception as err:  # the online store went away: refuse these queries, keep serving the others
             log.exception("online feature lookup failed")
             failures.update({i: Failure(status=UNAVAILABLE, field="user_id",
@@ -130,20 +142,44 @@ class Ranker:
                                  gates=recommendation.gates, history_length=len(history),
                                  model_version=self.model_version)
 
-    def push_event(self, user_id: str, item_id: str, timestamp: datetime | None = None) -> EventResult:
-        """Append an interaction to the user's online sequence, so the next ranking for the user includes it."""
-        if self.features is None:
-            return EventResult(failure=self._features_unavailable("user_id"))
+    def _check_event(self, event: EventIn, now: datetime, field: str) -> tuple[Event | None, Failure | None]:
+        """The event to log, or why not: its item must be in the catalog, its time within the accepted window."""
         try:
-            self.recommender.to_indices([item_id], field="item_id")
+            self.recommender.to_indices([event.item_id], field=f"{field}item_id")
         except DataError as err:
-            return EventResult(failure=Failure(status=BAD_REQUEST, field="item_id", message=str(err)))
-        when = timestamp or datetime.now(timezone.utc)
+            return None, Failure(status=BAD_REQUEST, field=f"{field}item_id", message=str(err))
+        when = event.timestamp or now
         when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)  # a time without zone is UTC
+        earliest = now - timedelta(seconds=self.event_params.late_window_s)
+        latest = now + timedelta(seconds=self.event_params.future_skew_s)
+        if not earliest <= when <= latest:
+            return None, Failure(status=BAD_REQUEST, field=f"{field}timestamp", message=(
+                f"event time {when.isoformat()} is outside the accepted window {earliest.isoformat()} .. "
+                f"{latest.isoformat()}. Fix: send events within events.late_window_s "
+                f"({self.event_params.late_window_s:.0f} s) of now, never in the future; older history belongs in "
+                "the training source"))
+        return Event(event.user_id, event.item_id, when, event.event_id), None
+
+    def record_events(self, events: list[EventIn], batch: bool = False) -> EventsResult:
+        """Record `events` (all or none): durable in the event log and applied once before this returns."""
+        if self.sequences is None:
+            return EventsResult(failure=self._features_unavailable("user_id"))
+        now = datetime.now(timezone.utc)
+        checked = []
+        for position, event in enumerate(events):
+            logged, failure = self._check_event(event, now, f"events[{position}]." if batch else "")
+            if failure is not None:
+                return EventsResult(failure=failure)
+            checked.append(logged)
         try:
-            sequence = self.features.push_event(user_id, item_id, when)
-        except DataError as err:  # the item is known, so what is left is an event older than the stored ones
-            return EventResult(failure=Failure(status=BAD_REQUEST, field="timestamp", message=str(err)))
-        log.info("event: user %s item %s at %s; sequence now %d items", user_id, item_id, when, len(sequence))
-        return EventResult(response=EventResponse(user_id=user_id, item_id=item_id, timestamp=when,
-                                                  sequence_length=len(sequence)))
+            appended, lengths = self.sequences.record(checked)
+        except EventConflict as err:
+            return EventsResult(failure=Failure(status=CONFLICT, field="event_id", message=str(err)))
+        for result in appended:
+            log.info("event %s: user %s item %s at %s (seq %d)%s", result.event.event_id, result.event.user_id,
+                     result.event.item_id, result.event.timestamp, result.event.seq,
+                     " again: a retry, nothing changed" if result.duplicate else "")
+        return EventsResult(response=EventsResponse(events=[EventResponse(
+            user_id=r.event.user_id, item_id=r.event.item_id, timestamp=r.event.timestamp, event_id=r.event.event_id,
+            seq=r.event.seq, duplicate=r.duplicate, sequence_length=lengths[r.event.user_id],
+            model_version=self.model_version) for r in appended]))

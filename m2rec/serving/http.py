@@ -1,8 +1,10 @@
-"""HTTP pieces of the service: refused requests as JSON responses, and a request body size limit."""
+"""HTTP pieces of the service: refused requests as JSON responses, a request body size limit, /readyz details and
+the reload token check."""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+import hmac
+from typing import Any, Awaitable, Callable, Mapping
 
 from starlette.responses import JSONResponse
 
@@ -61,3 +63,32 @@ class BodySizeLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class ReadinessDetails:
+    """ASGI middleware: once the service has a status (`status()` is not None), GET /readyz answers it as JSON:
+    200 with the version serving and the follower's last error, if any (a failed reload leaves the old version
+    serving, which is ready)."""
+
+    def __init__(self, app: Callable, status: Callable[[], dict | None]):
+        self.app, self.status = app, status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/readyz" and scope["method"] == "GET":
+            status = self.status()
+            if status is not None:
+                await JSONResponse(status, status_code=200 if status["ready"] else 503)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def token_failure(headers: Mapping[str, str], expected: str | None) -> Failure | None:
+    """Why a request may not reload (None: it may): it needs `Authorization: Bearer <M2REC_RELOAD_TOKEN>`."""
+    if not expected:
+        return Failure(status=403, field="authorization", message=(
+            "reloading is disabled. Fix: set M2REC_RELOAD_TOKEN in the service's environment (a secret)"))
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        return Failure(status=401, field="authorization", message=(
+            "missing or wrong reload token. Fix: send the header `Authorization: Bearer <M2REC_RELOAD_TOKEN>`"))
+    return None

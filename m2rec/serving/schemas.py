@@ -19,7 +19,12 @@ ExcludeSeen = Annotated[bool, Field(strict=True, description="Leave out items al
 History = Annotated[list[ItemId], Field(max_length=MAX_HISTORY_ITEMS,
                                         description="Item ids the user interacted with, oldest first.")]
 EventTime = Annotated[datetime | None, Field(description="When it happened (ISO 8601, UTC if no zone); now if "
-                                                         "absent. A user's events must come in time order.")]
+                                                         "absent. Late events (within events.late_window_s) are "
+                                                         "placed in time order.")]
+EventId = Annotated[str | None, Field(min_length=1, max_length=MAX_ID_LENGTH, description=(
+    "Client-chosen id of the event: a retried POST with the same id is applied once. Without one, (user, item, "
+    "time) identifies the event."))]
+MAX_BATCH_EVENTS = 500
 
 
 class RecommendedItem(BaseModel):
@@ -42,11 +47,32 @@ class RecommendResponse(BaseModel):
     model_version: str = Field(description="Registered model name and version that ranked the items.")
 
 
+class EventIn(BaseModel):
+    """One event of a batch."""
+
+    user_id: UserId
+    item_id: ItemId
+    timestamp: EventTime = None
+    event_id: EventId = None
+
+
+EventBatch = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_BATCH_EVENTS,
+                                            description="Events to record together: all are stored, or none.")]
+
+
 class EventResponse(BaseModel):
     user_id: str
     item_id: str
     timestamp: datetime
-    sequence_length: int = Field(description="Length of the user's stored sequence after this event.")
+    event_id: str = Field(description="The event's id (the client's, or one the log assigned).")
+    seq: int = Field(description="The event's position in the event log.")
+    duplicate: bool = Field(description="True when this event was already recorded (a retry): nothing changed.")
+    sequence_length: int = Field(description="Length of the user's sequence after this event.")
+    model_version: str = Field(description="The model version serving when the event was recorded.")
+
+
+class EventsResponse(BaseModel):
+    events: list[EventResponse]
 
 
 class Failure(BaseModel):
@@ -75,6 +101,6 @@ class RankResult(BaseModel):
     failure: Failure | None = None
 
 
-class EventResult(BaseModel):
-    response: EventResponse | None = None
+class EventsResult(BaseModel):
+    response: EventsResponse | None = None
     failure: Failure | None = None
