@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from m2rec.errors import ConfigError
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import MODEL_TYPES, ModelParams
 
@@ -29,7 +30,7 @@ def build_model(model_type: str, num_items: int, params: ModelParams,
         return SASRec(num_items, params)
     if model_type == "mamba4rec":
         return Mamba4Rec(num_items, params)
-    raise ValueError(f"unknown model {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    raise ConfigError(f"unknown model {model_type!r}", f"choose one of {', '.join(MODEL_TYPES)}")
 
 
 def save_model(directory: str | Path, model: SequentialRecommender, params: ModelParams, extra: dict) -> None:

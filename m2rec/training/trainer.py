@@ -10,11 +10,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from annotated_types import Ge, Gt
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,13 +32,13 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class TrainParams:
     """Optimisation settings (section `train` of params.yaml)."""
 
-    epochs: int = 50
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
-    seed: int = 42
-    eval_batch_size: int = 512
+    epochs: Annotated[int, Ge(1)] = 50
+    batch_size: Annotated[int, Ge(1)] = 256
+    learning_rate: Annotated[float, Gt(0.0)] = 1e-3
+    weight_decay: Annotated[float, Ge(0.0)] = 0.0
+    patience: Annotated[int, Ge(1)] = 5  # epochs without a better validation NDCG@10 before stopping
+    seed: Annotated[int, Ge(0)] = 42
+    eval_batch_size: Annotated[int, Ge(1)] = 512
     mask_history: bool = False  # RecBole's default protocol ranks history items too
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast when training on CUDA
