@@ -41,7 +41,7 @@ class ModelParams:
     scale_expand: Annotated[int, Ge(1)] | None = None  # channel expansion of each temporal scale (None: expand)
     use_frequency: bool = True
     use_text: bool = True
-    gate: Literal["learned", "mean"] = "learned"  # "learned" (per-position softmax gate) or "mean" (fixed equal weights)
+    gate: Literal["learned", "mean"] = "learned"  # learned: per-position softmax gate; mean: fixed equal weights
     # Share of items whose ID embedding is dropped from their output representation in each training step, so
     # that the text projection alone learns to place an item: what a catalog item without interactions has.
     item_id_dropout: Annotated[float, Interval(ge=0.0, lt=1.0)] = 0.0

@@ -12,9 +12,7 @@ from safetensors.torch import load_file, save_file
 from m2rec.errors import ConfigError
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import MODEL_TYPES, ModelParams
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from m2rec.model.files import CONFIG_FILE, WEIGHTS_FILE
 
 
 def build_model(model_type: str, num_items: int, params: ModelParams,

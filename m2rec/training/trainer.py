@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
+from m2rec.model.files import CHECKPOINT_FILE
 from m2rec.training.batching import epoch_batches, training_windows
 from m2rec.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
