@@ -12,9 +12,8 @@ import torch
 
 from m2rec.data.errors import DataError
 from m2rec.model.factory import load_model, read_model_config
+from m2rec.model.files import ITEMS_FILE
 from m2rec.training.batching import pad_right
-
-ITEMS_FILE = "items.parquet"
 
 
 @dataclass
@@ -72,12 +71,8 @@ class Recommender:
         if rows:
             items, lengths = pad_right([np.asarray(histories[i]) for i in rows], self.model.max_length)
             items, lengths = items.to(self.device), lengths.to(self.device)
-            gates = None
-            if hasattr(self.model, "encode_with_gates"):
-                hidden, gates = self.model.encode_with_gates(items, lengths)  # (B, 1, H), (B, 1, n_branches)
-                hidden, gates = hidden.squeeze(1), gates.squeeze(1)
-            else:
-                hidden = self.model.last_hidden(items, lengths)
+            hidden, gates = self.model.encode_with_gates(items, lengths)  # (B, 1, H), (B, 1, n_branches) or None
+            hidden, gates = hidden.squeeze(1), None if gates is None else gates.squeeze(1)
             scores = (hidden @ self.item_matrix.t()).float()  # (B, I+1): self.model.scores(hidden), cached
             scores[:, 0] = -torch.inf
             if exclude_seen:

@@ -56,6 +56,24 @@ def test_last_position_path_equals_full_encoding(name):
     torch.testing.assert_close(model.last_hidden(items, lengths), full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_model_encodes_with_gates(name):
+    """The serving contract: hidden states at the last position, and branch weights only where there are
+    branches (a distribution over `branch_names`)."""
+    model = make(name)
+    items = torch.randint(1, NUM_ITEMS + 1, (3, 12))
+    lengths = torch.tensor([12, 5, 1])
+    items[torch.arange(12).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    hidden, gates = model.encode_with_gates(items, lengths)
+    torch.testing.assert_close(hidden, model.last_hidden(items, lengths).unsqueeze(1), rtol=0, atol=1e-10)
+    full, full_gates = model.encode_with_gates(items)
+    torch.testing.assert_close(full, model.encode(items), rtol=0, atol=1e-10)
+    if VARIANTS[name][0] == "m2rec":
+        assert gates.shape == (3, 1, len(model.branch_names)) and full_gates.shape == (3, 12, len(model.branch_names))
+    else:
+        assert gates is None and full_gates is None and len(model.branch_names) == 0
+
+
 def test_right_padding_does_not_change_real_positions():
     model = make("m2rec")
     items = torch.randint(1, NUM_ITEMS + 1, (2, 10))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import io
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,7 +25,8 @@ from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
-from m2rec.training.trainer import NextItemLoss, TrainParams, trained_item_mask
+from m2rec.training.trainer import (NextItemLoss, TrainParams, restore_rng_states, rng_states, seed_everything,
+                                    train_model, trained_item_mask)
 
 BIN = Path(sys.executable).parent
 FAST = dict(hidden_size=16, d_state=8, max_length=20, scales=[[0.001, 0.1], [0.1, 1.0]])
@@ -124,6 +127,48 @@ def test_killed_run_resumes_to_the_same_weights(tiny_synthetic, tmp_path):
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0)
     history = json.loads((interrupted / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+
+def test_checkpoint_keeps_every_random_generator():
+    seed_everything(3)
+    random.gauss(0, 1), np.random.randn()  # leave a cached Gaussian in both
+    buffer = io.BytesIO()
+    torch.save({"rng": rng_states()}, buffer)
+    expected = draws()
+    seed_everything(99)
+    restore_rng_states(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)["rng"])
+    assert draws() == expected
+
+
+def test_resume_needs_the_numpy_generator(tiny_synthetic, tmp_path, monkeypatch):
+    """The batch order of each epoch comes from the numpy generator: a resumed run matches an uninterrupted
+    one because the checkpoint restores it, and would not without it."""
+    from m2rec.data.prepared import PreparedDataset
+
+    data = PreparedDataset.load(tiny_synthetic)
+
+    def last_weights(epochs: int, directory: Path, resume: bool = False) -> dict:
+        torch.manual_seed(0)
+        model = build_model("sasrec", data.num_items, ModelParams(**FAST))
+        train_model(model, data.train_sequences(), *data.histories("valid"),
+                    TrainParams(epochs=epochs, batch_size=32, patience=50, progress=False), directory, resume=resume)
+        return torch.load(directory / "checkpoint.pt", weights_only=True)["model"]
+
+    whole = last_weights(2, tmp_path / "whole")
+    for restore_numpy in (True, False):
+        directory = tmp_path / f"resumed-{restore_numpy}"
+        last_weights(1, directory)
+        np.random.seed(12345)  # what a new process would have
+        with monkeypatch.context() as patch:
+            if not restore_numpy:
+                patch.setattr(np.random, "set_state", lambda state: None)
+            resumed = last_weights(2, directory, resume=True)
+        same = all(torch.equal(resumed[name], whole[name]) for name in whole)
+        assert same == restore_numpy
 
 
 def test_torchrun_data_parallel_on_cpu(tiny_synthetic, tmp_path):

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from m2rec.data.errors import DataError
+from m2rec.errors import ConfigError
 from m2rec.data.prepared import PreparedDataset
 from m2rec.data.sources import SourceSpec
 from m2rec.stages.prepare import prepare
@@ -138,7 +139,7 @@ def test_thresholds_come_from_params(tables):
     assert failures(short, tables.items, ValidationParams(min_interactions_per_user=3)) == set()
     assert failures(tables.interactions, tables.items, ValidationParams(max_timestamp="2020-01-01")) \
         == {(IA, BETWEEN, "timestamp_utc")}
-    with pytest.raises(DataError, match="validation.min_timestamp"):
+    with pytest.raises(ConfigError, match="validation.min_timestamp"):
         run_suites(tables.interactions, tables.items, ValidationParams(min_timestamp="last tuesday"))
 
 

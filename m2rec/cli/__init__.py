@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from m2rec.data.errors import DataError
+from m2rec.errors import M2RecError
 
 # command name -> "module:attribute"; each module owns its commands
 COMMANDS = {
@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "m2rec.cli.train:evaluate_command",
     "register": "m2rec.cli.registry:register_command",
     "package": "m2rec.cli.registry:package_command",
+    "params": "m2rec.cli.params:params",
 }
 
 
@@ -47,13 +48,14 @@ def cli(verbose: bool) -> None:
     )
 
 
-def main() -> None:
-    """Console-script entry point: bad input ends with one clear message and exit status 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: an M2RecError ends with its one-line message and its class's exit status
+    (2 for bad data, configuration or usage, 3 for a failed external service)."""
     try:
-        cli(standalone_mode=False)
-    except DataError as err:
+        cli(args=argv, standalone_mode=False)
+    except M2RecError as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)

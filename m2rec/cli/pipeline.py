@@ -22,25 +22,30 @@ DEFAULT_PARAMS = "params.yaml"
 
 def parse_assignments(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
     """NAME=VALUE pairs -> {NAME: value}, each value read as YAML (so 3 is an int, 0.1 a float, [1, 2] a list)."""
+    from m2rec.errors import UsageError
+
     values = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise DataError(f"{option} {pair!r} is not NAME=VALUE", f"write e.g. {option} train.epochs=3")
-        values[name.strip()] = yaml.safe_load(value)
+        if not sep or not name.strip():
+            raise UsageError(f"{option} {pair!r} is not NAME=VALUE", f"write e.g. {option} train.epochs=3")
+        try:
+            values[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"{option} {pair!r}: the value is not valid YAML",
+                             f"quote it, e.g. {option} '{name.strip()}=\"...\"'") from None
     return values
 
 
 def load_params(params_path: str | None, overrides: tuple[str, ...]) -> dict:
-    """params.yaml's content (default ./params.yaml when present) with `section.key=value` overrides applied."""
+    """params.yaml's content (default ./params.yaml when present) with `section.key=value` overrides applied;
+    every section is validated here, so a bad value stops the command before anything runs."""
+    from m2rec.params import apply_overrides, resolve_params
+
     if params_path is None and Path(DEFAULT_PARAMS).is_file():
         params_path = DEFAULT_PARAMS
-    params = read_params(params_path)
-    for dotted, value in parse_assignments(overrides, "--set").items():
-        name, _, key = dotted.partition(".")
-        if not key:
-            raise DataError(f"--set {dotted}=... names no key", "write --set SECTION.KEY=VALUE, e.g. train.epochs=3")
-        params.setdefault(name, {})[key] = value
+    params = apply_overrides(read_params(params_path), parse_assignments(overrides, "--set"))
+    resolve_params(params)
     return params
 
 

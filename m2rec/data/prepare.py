@@ -6,11 +6,13 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
+from annotated_types import Ge
 
-from m2rec.data.errors import DataError
+from m2rec.errors import ConfigError, DataError
 from m2rec.data.schema import RawDataset
 from m2rec.utils.atomic import atomic_directory, atomic_write_json
 
@@ -21,8 +23,8 @@ log = logging.getLogger(__name__)
 class PrepareParams:
     """How raw interactions are filtered and split."""
 
-    k_core_users: int = 5  # every user keeps at least this many interactions
-    k_core_items: int = 5  # every item keeps at least this many interactions
+    k_core_users: Annotated[int, Ge(3)] = 5  # every user keeps at least this many interactions
+    k_core_items: Annotated[int, Ge(1)] = 5  # every item keeps at least this many interactions
     drop_duplicates: bool = False  # drop repeated (user, item, timestamp) rows instead of failing
 
 
@@ -81,7 +83,7 @@ def fingerprint(frame: pd.DataFrame) -> str:
 def build_tables(raw: RawDataset, params: PrepareParams) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Filter, index and split `raw`; return (interactions, items, stats)."""
     if params.k_core_users < 3:
-        raise DataError(f"k_core_users={params.k_core_users} leaves users too short for a train/valid/test split",
+        raise ConfigError(f"k_core_users={params.k_core_users} leaves users too short for a train/valid/test split",
                         "use --k-core-users 3 or more")
     interactions = raw.interactions.reset_index(drop=True)
     if interactions.empty:

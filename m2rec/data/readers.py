@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from m2rec.data.errors import DataError
+from m2rec.errors import DataError, UsageError
 from m2rec.data.parsing import (
     numeric_column,
     read_lines,
@@ -239,8 +239,8 @@ def parse_mapping(spec: str | None, option: str) -> dict[str, str]:
         if not part.strip():
             continue
         if "=" not in part:
-            raise DataError(f"{option} entry {part!r} is not canonical=source",
-                            f"write {option} user_id=uid,item_id=iid,timestamp=ts")
+            raise UsageError(f"{option} entry {part!r} is not canonical=source",
+                             f"write {option} user_id=uid,item_id=iid,timestamp=ts")
         key, value = part.split("=", 1)
         mapping[key.strip()] = value.strip()
     return mapping

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from m2rec.data.errors import DataError
+from m2rec.errors import DataError, UsageError
 from m2rec.data.readers import read_movielens, read_recbole, read_sequences, read_table
 from m2rec.data.schema import RawDataset
 from m2rec.data.synthetic import SyntheticParams, generate_synthetic
@@ -28,11 +28,11 @@ class SourceSpec:
 def read_source(spec: SourceSpec, synthetic: SyntheticParams | None = None) -> RawDataset:
     """Read raw interactions and items as described by `spec`."""
     if spec.format not in FORMATS:
-        raise DataError(f"unknown --format {spec.format!r}", f"use one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown --format {spec.format!r}", f"use one of {', '.join(FORMATS)}")
     if spec.format == "synthetic":
         return generate_synthetic(synthetic)
     if not spec.input:
-        raise DataError(f"--format {spec.format} needs --input", "pass --input PATH")
+        raise UsageError(f"--format {spec.format} needs --input", "pass --input PATH")
     path = Path(spec.input).expanduser()
     if not path.exists():
         raise DataError(f"--input {path} does not exist", "check the path (datasets are read where they lie)")

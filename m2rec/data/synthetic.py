@@ -10,9 +10,11 @@ Item popularity follows a power law inside every category.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
+from annotated_types import Ge, Gt, Interval
 
 from m2rec.data.schema import RawDataset
 
@@ -31,16 +33,16 @@ BRANDS = ("Northwind", "Acme", "Bluebird", "Kestrel", "Orchid", "Summit", "Lumen
 class SyntheticParams:
     """Sizes and behaviour of the synthetic dataset."""
 
-    n_users: int = 1000
-    n_items: int = 600
-    n_categories: int = 12
-    min_length: int = 12
-    max_length: int = 60
-    period: int = 7  # days in a user's routine
-    routine_probability: float = 0.75  # chance the next item follows the routine, else noise
-    drift_probability: float = 0.03  # chance per event that one slot of the routine changes
-    popularity_exponent: float = 1.1  # Zipf exponent of item popularity inside a category
-    seed: int = 7
+    n_users: Annotated[int, Ge(1)] = 1000
+    n_items: Annotated[int, Ge(1)] = 600
+    n_categories: Annotated[int, Ge(1)] = 12
+    min_length: Annotated[int, Ge(1)] = 12
+    max_length: Annotated[int, Ge(1)] = 60
+    period: Annotated[int, Ge(1)] = 7  # days in a user's routine
+    routine_probability: Annotated[float, Interval(ge=0.0, le=1.0)] = 0.75  # next item follows the routine, else noise
+    drift_probability: Annotated[float, Interval(ge=0.0, le=1.0)] = 0.03  # per event: one routine slot changes
+    popularity_exponent: Annotated[float, Gt(0.0)] = 1.1  # Zipf exponent of item popularity inside a category
+    seed: Annotated[int, Ge(0)] = 7
 
 
 def _items(params: SyntheticParams, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:

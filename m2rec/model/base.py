@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ class SequentialRecommender(nn.Module):
     scored by a dot product with `item_representations()` (tied to the input embeddings)."""
 
     model_type = "base"
+    branch_names: Sequence[str] = ()  # names of the gated branches (M2Rec); none for single-path models
 
     def __init__(self, num_items: int, hidden_size: int, max_length: int):
         super().__init__()
@@ -42,6 +45,15 @@ class SequentialRecommender(nn.Module):
         """Hidden state at each sequence's last real position: (B, L), (B,) -> (B, H). Models override this to
         skip position-wise work at positions whose output is not needed."""
         return gather_last(self.encode(items), lengths).squeeze(1)
+
+    def encode_with_gates(self, items: torch.Tensor, lengths: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L) -> hidden (B, L, H) and per-position branch weights (B, L, n_branches) over
+        `self.branch_names`, or None for a model without branches; with `lengths`, only each row's last real
+        position (B, 1, ...). What a recommendation is explained with."""
+        if lengths is None:
+            return self.encode(items), None
+        return self.last_hidden(items, lengths).unsqueeze(1), None
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Next-item logits after each sequence: (B, L), (B,) -> (B, num_items + 1)."""

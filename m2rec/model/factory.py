@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from m2rec.errors import ConfigError
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import MODEL_TYPES, ModelParams
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from m2rec.model.files import CONFIG_FILE, WEIGHTS_FILE
 
 
 def build_model(model_type: str, num_items: int, params: ModelParams,
@@ -29,7 +28,7 @@ def build_model(model_type: str, num_items: int, params: ModelParams,
         return SASRec(num_items, params)
     if model_type == "mamba4rec":
         return Mamba4Rec(num_items, params)
-    raise ValueError(f"unknown model {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    raise ConfigError(f"unknown model {model_type!r}", f"choose one of {', '.join(MODEL_TYPES)}")
 
 
 def save_model(directory: str | Path, model: SequentialRecommender, params: ModelParams, extra: dict) -> None:

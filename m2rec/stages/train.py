@@ -14,14 +14,12 @@ from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model, load_model, read_model_config, save_model
+from m2rec.model.files import HISTORY_FILE, ITEMS_FILE, METRICS_FILE
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
 from m2rec.training.trainer import TrainParams, TrainResult, choose_device, is_main_process, train_model
 from m2rec.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
-ITEMS_FILE = "items.parquet"
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.json"
 
 
 def item_text_matrix(items: pd.DataFrame, embeddings: np.ndarray) -> torch.Tensor:

@@ -7,13 +7,15 @@ Some checks need a value GX cannot compute from one column, so they run on deriv
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
+from annotated_types import Ge, Interval
 
-from m2rec.data.errors import DataError
+from m2rec.errors import ConfigError
 from m2rec.data.schema import SPLITS
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,24 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO li
 INTEGER_TYPES = ["int64", "int32", "Int64", "Int32"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "user_idx", "item_idx", "split"]
 ITEM_COLUMNS = ["item_id", "item_idx", "text"]
+# The context's project config, given as a mapping to the public `gx.get_context(project_config=...)` (the
+# schema of great_expectations.yml): in-memory stores, no data docs (no temporary docs folder per run), and no
+# progress bars (45 tiny metric bars per run are noise).
+_IN_MEMORY = {"store_backend": {"class_name": "InMemoryStoreBackend"}}
+CONTEXT_CONFIG = {
+    "config_version": 4,
+    "progress_bars": {"globally": False, "metric_calculations": False},
+    "data_docs_sites": {},
+    "expectations_store_name": "expectations_store",
+    "validation_results_store_name": "validation_results_store",
+    "checkpoint_store_name": "checkpoint_store",
+    "stores": {
+        "expectations_store": {"class_name": "ExpectationsStore", **_IN_MEMORY},
+        "validation_results_store": {"class_name": "ValidationResultsStore", **_IN_MEMORY},
+        "checkpoint_store": {"class_name": "CheckpointStore", **_IN_MEMORY},
+        "validation_definition_store": {"class_name": "ValidationDefinitionStore", **_IN_MEMORY},
+    },
+}
 
 
 @dataclass
@@ -30,9 +50,9 @@ class ValidationParams:
 
     min_timestamp: str = "1995-01-01"  # floor of interaction times (UTC); earlier ones are clock or parsing errors
     max_timestamp: str | None = None  # ceiling (UTC); None: the time of validation
-    min_interactions_per_user: int = 5  # after k-core filtering, as `prepare.k_core_users`
-    min_text_fraction: float = 1.0  # share of catalog items that must have a non-empty text
-    example_rows: int = 5  # failing rows quoted per expectation in the report
+    min_interactions_per_user: Annotated[int, Ge(1)] = 5  # after k-core filtering, as `prepare.k_core_users`
+    min_text_fraction: Annotated[float, Interval(ge=0.0, le=1.0)] = 1.0  # share of items with a non-empty text
+    example_rows: Annotated[int, Ge(0)] = 5  # failing rows quoted per expectation in the report
 
 
 def utc_timestamp(value: str | pd.Timestamp, name: str) -> pd.Timestamp:
@@ -40,8 +60,8 @@ def utc_timestamp(value: str | pd.Timestamp, name: str) -> pd.Timestamp:
     try:
         stamp = pd.Timestamp(value)
     except ValueError as err:
-        raise DataError(f"validation.{name}={value!r} is not a date ({err})",
-                        f"set validation.{name} to an ISO date such as 1995-01-01") from None
+        raise ConfigError(f"validation.{name}={value!r} is not a date ({err})",
+                          f"set validation.{name} to an ISO date such as 1995-01-01") from None
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
@@ -63,8 +83,8 @@ def interaction_expectations(params: ValidationParams, catalog_ids: list[str], n
     floor = utc_timestamp(params.min_timestamp, "min_timestamp")
     ceiling = utc_timestamp(params.max_timestamp, "max_timestamp") if params.max_timestamp else now
     if floor >= ceiling:
-        raise DataError(f"validation.min_timestamp {floor} is not before the ceiling {ceiling}",
-                        "set validation.min_timestamp earlier (or max_timestamp later)")
+        raise ConfigError(f"validation.min_timestamp {floor} is not before the ceiling {ceiling}",
+                          "set validation.min_timestamp earlier (or max_timestamp later)")
     return [
         gxe.ExpectTableColumnsToMatchSet(column_set=INTERACTION_COLUMNS, exact_match=False,
                                          description=f"the table has the columns {', '.join(INTERACTION_COLUMNS)}"),
@@ -144,17 +164,13 @@ def run_suites(interactions: pd.DataFrame, items: pd.DataFrame, params: Validati
                now: pd.Timestamp | None = None) -> list[dict]:
     """Validate both tables with an ephemeral GX context; one outcome dict per expectation."""
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    # this module sets its own logger to INFO at import and then announces every temporary docs folder
-    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     now = now or pd.Timestamp.now(tz="UTC")
     frames = dict(zip(("interactions", "items"), check_frames(interactions, items)))
     catalog_ids = frames["items"]["item_id"].dropna().astype(str).tolist() if "item_id" in frames["items"] else []
     suites = {"interactions": interaction_expectations(params, catalog_ids, now), "items": item_expectations(params)}
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # 45 tiny metric bars per run is noise
+    context = gx.get_context(mode="ephemeral", project_config=copy.deepcopy(CONTEXT_CONFIG))
     source = context.data_sources.add_pandas("canonical_tables")
     outcomes = []
     for name, expectations in suites.items():
