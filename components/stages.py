@@ -15,9 +15,10 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 
 
 def prepare(source_format: str, source_input: str, source_items: str, source_columns: str,
-            source_item_columns: str, source_encoding: str, params_json: str,
+            source_item_columns: str, source_encoding: str, events_url: str, params_json: str,
             dataset: Output[Dataset]) -> NamedTuple("PrepareOutputs", dataset_version=str, lineage_json=str):
-    """Read the source, k-core filter and split it (m2rec.stages.prepare); record the input's DVC hash."""
+    """Read the source plus every event logged at `events_url` up to now (the run's cutoff), k-core filter and
+    split it (m2rec.stages.prepare); record the input's DVC hash and how many events came from the log."""
     import json
     import logging
 
@@ -33,9 +34,11 @@ def prepare(source_format: str, source_input: str, source_items: str, source_col
     source = SourceSpec(source_format, source_input or None, source_items or None, source_columns or None,
                         source_item_columns or None, source_encoding or None)
     stats = prepare_stage(source, dataset.path, section(params, "prepare", PrepareParams),
-                          section(params, "synthetic", SyntheticParams))
+                          section(params, "synthetic", SyntheticParams), events_url or None)
     lineage = write_lineage(source, dataset.path, stats)
     dataset.metadata.update({"dataset_version": stats["dataset_version"], "dvc_md5": lineage["dvc_md5"] or "",
+                             "events_merged": stats["events"]["merged"],
+                             "events_through_seq": stats["events"]["through_seq"],
                              **{k: v for k, v in stats["after_filter"].items()}})
     return NamedTuple("PrepareOutputs", dataset_version=str, lineage_json=str)(
         stats["dataset_version"], json.dumps(lineage))
@@ -65,11 +68,11 @@ def validate(dataset: Input[Dataset], params_json: str, report: Output[Markdown]
     report.metadata.update({"success": summary["success"], "expectations": len(summary["results"])})
 
 
-def features(dataset: Input[Dataset], params_json: str, feature_repo: str, feature_build: Output[Artifact]
-             ) -> NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int):
-    """Embed item texts, write the Feast offline tables, apply and materialize into the repository `feature_repo`
-    (m2rec.stages.features). The `feature_build` artifact describes the build (counts, files, the repository) and
-    is what training reads its features through."""
+def features(dataset: Input[Dataset], params_json: str, feature_root: str, feature_build: Output[Artifact]
+             ) -> NamedTuple("FeatureOutputs", build_key=str, users=int, items=int):
+    """Embed item texts, write the Feast offline tables, apply and materialize into a new build under
+    `feature_root` (m2rec.stages.features), beside the build a service reads. The `feature_build` artifact
+    describes the build (key, counts, files, the repository) and is what training reads its features through."""
     import json
     import logging
     from pathlib import Path
@@ -81,14 +84,15 @@ def features(dataset: Input[Dataset], params_json: str, feature_repo: str, featu
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = json.loads(params_json)
-    summary = build_features(dataset.path, feature_repo, section(params, "features", FeatureParams),
+    summary = build_features(dataset.path, feature_root or None, section(params, "features", FeatureParams),
                              section(params, "text", TextEncoderParams))
     Path(feature_build.path).write_text(json.dumps(summary, indent=2, default=str))
     counts = summary["counts"]
-    feature_build.metadata.update({"feature_repo": str(feature_repo), "text_model": summary["text_model"],
-                                   "embedding_dim": summary["embedding_dim"], **counts})
-    return NamedTuple("FeatureOutputs", users=int, items=int, embedding_dim=int)(
-        counts["users"], counts["items"], summary["embedding_dim"])
+    feature_build.metadata.update({"build_key": summary["build_key"], "repo_dir": summary["repo_dir"],
+                                   "text_model": summary["text_model"], "embedding_dim": summary["embedding_dim"],
+                                   **counts})
+    return NamedTuple("FeatureOutputs", build_key=str, users=int, items=int)(
+        summary["build_key"], counts["users"], counts["items"])
 
 
 def train(dataset: Input[Dataset], feature_build: Input[Artifact], model_type: str, epochs: int, params_json: str,
@@ -104,7 +108,7 @@ def train(dataset: Input[Dataset], feature_build: Input[Artifact], model_type: s
     from m2rec.model.config import ModelParams
     from m2rec.params import section
     from m2rec.pipeline.reports import training_curves_html
-    from m2rec.stages.train import HISTORY_FILE
+    from m2rec.model.files import HISTORY_FILE
     from m2rec.stages.train import train as train_stage
     from m2rec.text.embeddings import TextEncoderParams
     from m2rec.training.trainer import TrainParams
@@ -128,73 +132,94 @@ def train(dataset: Input[Dataset], feature_build: Input[Artifact], model_type: s
 
 
 def evaluate(dataset: Input[Dataset], model: Input[Model], params_json: str, gate_metric: str,
-             gate_threshold: float, metrics: Output[Metrics], report: Output[Markdown]
+             gate_threshold: float, gate_min_improvement: float, tracking_uri: str, model_name: str,
+             metrics: Output[Metrics], report: Output[Markdown]
              ) -> NamedTuple("EvaluateOutputs", passed=bool, score=float, evaluation_json=str):
-    """Full-ranking metrics of the trained model (m2rec.stages.train.evaluate) and the registration gate:
-    `gate_metric` ("split/metric") must reach `gate_threshold`."""
+    """Full-ranking metrics of the trained model (m2rec.stages.train.evaluate) and the promotion gate
+    (m2rec.stages.register.gate): the validation `gate_metric` must reach `gate_threshold` and beat the current
+    champion's on the same new validation data. The test split is reported, never used to choose."""
     import json
     import logging
     from pathlib import Path
 
     from m2rec.params import section
-    from m2rec.pipeline.reports import evaluation_markdown, gate_value
+    from m2rec.pipeline.reports import evaluation_markdown
+    from m2rec.stages.register import gate as gate_stage
     from m2rec.stages.train import evaluate as evaluate_stage
     from m2rec.training.trainer import TrainParams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     train_params = section(json.loads(params_json), "train", TrainParams)
     result = evaluate_stage(model.path, dataset.path, train_params.mask_history)
-    score = gate_value(result, gate_metric)
-    gate = {"metric": gate_metric, "value": score, "threshold": gate_threshold, "passed": score >= gate_threshold}
+    gate = gate_stage(model.path, dataset.path, tracking_uri or None, model_name, gate_metric, gate_threshold,
+                      gate_min_improvement, train_params.mask_history)
     for split in ("valid", "test"):
         for name, value in result[split].items():
             metrics.log_metric(f"{split}_{name}", float(value))
     Path(report.path).write_text(evaluation_markdown(result, gate))
-    logging.getLogger("m2rec.pipeline").info("gate %s = %.4f, threshold %s: %s", gate_metric, score,
-                                             gate_threshold, "passed" if gate["passed"] else "failed")
+    logging.getLogger("m2rec.pipeline").info("gate %s: %s", "passed" if gate["passed"] else "failed", gate["reason"])
     return NamedTuple("EvaluateOutputs", passed=bool, score=float, evaluation_json=str)(
-        bool(gate["passed"]), float(score), json.dumps({**result, "gate": gate}))
+        bool(gate["passed"]), float(gate["value"]), json.dumps({**result, "gate": gate}))
 
 
-def register(model: Input[Model], dataset: Input[Dataset], tracking_uri: str, model_name: str,
-             experiment: str) -> str:
-    """Log the model to MLflow and register a version (m2rec.stages.register); the `champion` alias moves only
-    when the new version wins. Tags the run with the dataset's lineage (DVC hash). Returns the registration
-    (run_id, version, alias, champion_version, model_uri) as JSON."""
+def track(model: Input[Model], dataset: Input[Dataset], evaluation_json: str, tracking_uri: str,
+          experiment: str) -> str:
+    """Record the training run in MLflow (m2rec.stages.register.track) whether or not it passed the gate: params,
+    per-epoch metrics, the dataset, plots and the verdict; tagged with the dataset's lineage. Returns the run id."""
     import json
     import logging
 
     from m2rec.pipeline.lineage import tag_run
-    from m2rec.stages.register import register as register_stage
+    from m2rec.registry.config import resolve_tracking_uri
+    from m2rec.stages.register import track as track_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    registration = register_stage(model.path, tracking_uri or None, model_name, experiment, data_dir=dataset.path)
-    # the dataset version (stats.json's content hash and the input's DVC hash) as run tags
-    tags = tag_run(registration["tracking_uri"], registration["run_id"], dataset.path)
-    return json.dumps({"model_name": model_name, **registration, "dataset_tags": tags}, default=str)
+    verdict = json.loads(evaluation_json)["gate"]
+    run_id = track_stage(model.path, dataset.path, verdict, tracking_uri or None, experiment)
+    tag_run(resolve_tracking_uri(tracking_uri or None), run_id, dataset.path)  # the input's DVC hash and more
+    return run_id
 
 
-def package(registration_json: str, tracking_uri: str, model_name: str, bentoml_home: str,
-            feature_repo: str) -> str:
-    """Build a Bento of the current champion (m2rec.stages.package). Returns bento_tag, bentoml_model_tag and
-    the `bentoml serve` command."""
+def register(run_id: str, model: Input[Model], tracking_uri: str, model_name: str, feature_build_key: str) -> str:
+    """Register the tracked run's model as a new version with the `champion` alias (m2rec.stages.register.promote);
+    only a run that passed the gate gets here. Returns the registration as JSON."""
     import json
     import logging
 
+    from m2rec.stages.register import promote
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    registration = promote(run_id, model.path, True, tracking_uri or None, model_name, feature_build_key)
+    return json.dumps({"model_name": model_name, **registration}, default=str)
+
+
+def package(registration_json: str, tracking_uri: str, model_name: str, bentoml_home: str, feature_root: str,
+            events_url: str, params_json: str) -> str:
+    """Build a Bento of the new champion (m2rec.stages.package) that serves it with its feature build, records
+    events at `events_url` and follows the champion alias. Returns bento_tag, bentoml_model_tag and the
+    `bentoml serve` command."""
+    import json
+    import logging
+
+    from m2rec.events.log import EventParams
+    from m2rec.params import section
+    from m2rec.serving.follower import ServingParams
     from m2rec.stages.package import package as package_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    registration = json.loads(registration_json)  # also orders this step after registration
-    logging.getLogger("m2rec.pipeline").info("packaging the champion of %s (new version %s is %s)", model_name,
-                                             registration.get("version"), registration.get("alias"))
-    bento = package_stage(f"models:/{model_name}@champion", tracking_uri or None, bentoml_home or None,
-                          feature_repo or None, build=True)
+    params = json.loads(params_json)
+    registration = json.loads(registration_json)
+    bento = package_stage(f"models:/{model_name}/{registration['version']}", tracking_uri or None,
+                          bentoml_home or None, feature_root or None, events_url or None, build=True,
+                          serving=section(params, "serving", ServingParams),
+                          events=section(params, "events", EventParams))
     return json.dumps(bento, default=str)
 
 
-def summarize(evaluation_json: str, lineage_json: str, registration_json: str, package_json: str) -> str:
-    """The run's summary as JSON: evaluation and gate, dataset version, registration and Bento (empty when the
-    gate failed)."""
+def summarize(evaluation_json: str, lineage_json: str, run_id: str, registration_json: str,
+              package_json: str) -> str:
+    """The run's summary as JSON: evaluation and gate, dataset version and the events it took from the log, the
+    MLflow run, registration and Bento (empty when the gate failed)."""
     import json
 
     evaluation = json.loads(evaluation_json)
@@ -205,6 +230,8 @@ def summarize(evaluation_json: str, lineage_json: str, registration_json: str, p
         "dataset_version": lineage.get("dataset_version"),
         "dvc_md5": lineage.get("dvc_md5"),
         "source": lineage.get("source_name"),
+        "events": lineage.get("events"),
+        "run_id": run_id,
         "registration": json.loads(registration_json) if registration_json else None,
         "package": json.loads(package_json) if package_json else None,
     }
@@ -212,7 +239,7 @@ def summarize(evaluation_json: str, lineage_json: str, registration_json: str, p
     return json.dumps(summary)
 
 
-STAGES = (prepare, validate, features, train, evaluate, register, package, summarize)
+STAGES = (prepare, validate, features, train, evaluate, track, register, package, summarize)
 
 
 def build_components(image: str, packages: List[str]) -> SimpleNamespace:

@@ -38,6 +38,8 @@ SECTIONS: dict[str, str] = {
     "registry": "m2rec.registry.config:RegistryParams",
     "package": "m2rec.serving.bento:PackageParams",
     "pipeline": "m2rec.pipeline.settings:PipelineParams",
+    "events": "m2rec.events.log:EventParams",
+    "serving": "m2rec.serving.follower:ServingParams",
 }
 
 LOOK_UP = "`m2rec params schema` lists every key with its type and range, `m2rec params show` the values in use"

@@ -95,8 +95,12 @@ def local_run_options(command: Callable) -> Callable:
         click.option("--gate-metric", help="Registration gate, split/metric [default: pipeline.gate_metric]."),
         click.option("--threshold", "gate_threshold", type=float,
                      help="The gate metric must reach this to register [default: pipeline.gate_threshold]."),
+        click.option("--min-improvement", "gate_min_improvement", type=float,
+                     help="How much the gate metric must beat the champion's by [default: "
+                          "pipeline.gate_min_improvement]."),
         click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///WORKDIR/mlflow.db]."),
-        click.option("--feature-repo", type=click.Path(), help="Feast repository [default: WORKDIR/feature_repo]."),
+        click.option("--feature-root", type=click.Path(), help="Feature builds [default: WORKDIR/features]."),
+        click.option("--events-url", help="Event log that retraining reads [default: sqlite:///WORKDIR/events.db]."),
         click.option("--bentoml-home", type=click.Path(), help="BENTOML_HOME [default: WORKDIR/bentoml_home]."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
     ]
@@ -107,8 +111,11 @@ def local_run_options(command: Callable) -> Callable:
 
 
 def run_locally(data, fmt, items, columns, item_columns, encoding, workdir, model_type, epochs, gate_metric,
-                gate_threshold, tracking_uri, feature_repo, bentoml_home, as_json, params_path, overrides) -> dict:
+                gate_threshold, gate_min_improvement, tracking_uri, feature_root, events_url, bentoml_home, as_json,
+                params_path, overrides) -> dict:
     """Run the pipeline with kfp.local, print the summary (also written to WORKDIR/summary.json), return it."""
+    from pipelines.training import build_pipeline
+
     from m2rec.pipeline.local import PipelineFailed, run_local, source_spec
     from m2rec.pipeline.reports import format_summary
     from m2rec.utils.atomic import atomic_write_json
@@ -117,9 +124,10 @@ def run_locally(data, fmt, items, columns, item_columns, encoding, workdir, mode
     settings = pipeline_settings(params)
     source = source_spec(data, fmt, items, columns, item_columns, encoding)
     try:
-        summary = run_local(workdir, params, source, settings, model_type=model_type, epochs=epochs,
-                            gate_metric=gate_metric, gate_threshold=gate_threshold, tracking_uri=tracking_uri,
-                            feature_repo=feature_repo, bentoml_home=bentoml_home)
+        summary = run_local(build_pipeline, workdir, params, source, settings, model_type=model_type, epochs=epochs,
+                            gate_metric=gate_metric, gate_threshold=gate_threshold,
+                            gate_min_improvement=gate_min_improvement, tracking_uri=tracking_uri,
+                            feature_root=feature_root, events_url=events_url, bentoml_home=bentoml_home)
     except PipelineFailed as failed:
         if failed.task == "validate":  # bad data: exit status 2 like every other data error
             raise DataError(str(failed), "correct the data (see the report) and run again") from None
@@ -140,12 +148,12 @@ def pipeline() -> None:
 @compile_options
 def compile_command(output, image, packages, accelerator_type, accelerator_limit, params_path, overrides) -> None:
     """Write the pipeline YAML for a Kubeflow Pipelines cluster (the train step asks for a GPU node)."""
-    from m2rec.pipeline import load_pipeline_module
+    from pipelines.training import compile_pipeline
 
     params = load_params(params_path, overrides)
     settings = pipeline_settings(params, image=image, packages=list(packages) or None,
                                  accelerator_type=accelerator_type, accelerator_limit=accelerator_limit)
-    load_pipeline_module().compile_pipeline(output, settings, params)
+    compile_pipeline(output, settings, params)
     click.echo(f"wrote {output} (image {settings.image}; train step: "
                + (f"{settings.accelerator_limit} x {settings.accelerator_type}" if settings.accelerator_limit
                   else "no accelerator") + f", {settings.train_retries} retries)")
@@ -182,7 +190,7 @@ def _with_package(function: Callable) -> Callable:
     @functools.wraps(function)
     def wrapper(pipeline_file, args, image, packages, accelerator_type, accelerator_limit, params_path, overrides,
                 **options):
-        from m2rec.pipeline import load_pipeline_module
+        from pipelines.training import compile_pipeline
 
         params = load_params(params_path, overrides)
         settings = pipeline_settings(params, image=image, packages=list(packages) or None,
@@ -194,7 +202,7 @@ def _with_package(function: Callable) -> Callable:
             return function(pipeline_file, settings, arguments, **options)
         with tempfile.TemporaryDirectory() as scratch:
             package_path = str(Path(scratch) / "m2rec_pipeline.yaml")
-            load_pipeline_module().compile_pipeline(package_path, settings, params)
+            compile_pipeline(package_path, settings, params)
             return function(package_path, settings, arguments, **options)
     return wrapper
 

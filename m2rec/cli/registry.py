@@ -16,21 +16,27 @@ TRACKING_HELP = "MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite
 @click.command("register")
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A trained model folder (`m2rec train --output`).")
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
-              help="The prepared dataset it was trained on (adds the gate-weight plot).")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The prepared dataset it was trained on: the gate compares it with the champion there.")
 @click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--model-name", help="Registered model name [default: m2rec].")
 @click.option("--experiment", help="MLflow experiment [default: m2rec].")
-@click.option("--params", "params_path", type=click.Path(), help="params.yaml (section `registry`).")
-def register_command(model_dir, data_dir, tracking_uri, model_name, experiment, params_path) -> None:
+@click.option("--feature-build", help="Key of the feature build it was trained with (the service reads it).")
+@click.option("--params", "params_path", type=click.Path(), help="params.yaml (sections `registry`, `pipeline`).")
+def register_command(model_dir, data_dir, tracking_uri, model_name, experiment, feature_build, params_path) -> None:
     """Log a trained model as an MLflow run and register a new version; it becomes `champion` only if its
-    validation NDCG@10 beats the champion's on the same dataset, else `challenger`."""
+    validation metric (pipeline.gate_metric) reaches pipeline.gate_threshold and beats the champion's on the same
+    validation data, else `challenger`."""
+    from m2rec.pipeline.settings import PipelineParams
     from m2rec.stages.register import register
 
-    params = section(read_params(params_path), "registry", RegistryParams, tracking_uri=tracking_uri,
-                     model_name=model_name, experiment=experiment)
-    click.echo(json.dumps(register(model_dir, params.tracking_uri, params.model_name, params.experiment, data_dir,
-                                   params.artifact_location), indent=2))
+    params = read_params(params_path)
+    registry = section(params, "registry", RegistryParams, tracking_uri=tracking_uri, model_name=model_name,
+                       experiment=experiment)
+    settings = section(params, "pipeline", PipelineParams)
+    click.echo(json.dumps(register(model_dir, data_dir, registry.tracking_uri, registry.model_name,
+                                   registry.experiment, registry.artifact_location, feature_build,
+                                   settings.gate_threshold, settings.gate_min_improvement), indent=2))
 
 
 @click.command("package")
@@ -38,17 +44,28 @@ def register_command(model_dir, data_dir, tracking_uri, model_name, experiment, 
 @click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--bentoml-home", help="BentoML store for the model and the Bento [default: $BENTOML_HOME, else "
                                      "~/bentoml].")
+@click.option("--feature-root", type=click.Path(file_okay=False),
+              help="Folder of feature builds the service reads each version's build from [default: features.root].")
 @click.option("--feature-repo", type=click.Path(exists=True, file_okay=False),
-              help="Feast repository built by `m2rec features build`, for /recommend by user.")
+              help="One feature build for the packaged version (instead of its registered build).")
+@click.option("--events-url", help="Event log the service records events in [default: events.url].")
 @click.option("--build/--no-build", default=None, help="Build the Bento, or only import the model [default: build].")
-@click.option("--params", "params_path", type=click.Path(), help="params.yaml (sections `registry`, `package`).")
-def package_command(model_uri, tracking_uri, bentoml_home, feature_repo, build, params_path) -> None:
+@click.option("--params", "params_path", type=click.Path(),
+              help="params.yaml (sections `registry`, `package`, `features`, `events`, `serving`).")
+def package_command(model_uri, tracking_uri, bentoml_home, feature_root, feature_repo, events_url, build,
+                    params_path) -> None:
     """Import a registered version into BentoML and build a Bento (offline); prints the `bentoml serve` command."""
+    from m2rec.events.log import EventParams
+    from m2rec.features.repo import FeatureParams
+    from m2rec.serving.follower import ServingParams
     from m2rec.stages.package import package
 
     params = read_params(params_path)
     registry = section(params, "registry", RegistryParams, tracking_uri=tracking_uri)
     options = section(params, "package", PackageParams, model_uri=model_uri, bentoml_home=bentoml_home,
                       feature_repo=feature_repo, build=build)
-    click.echo(json.dumps(package(options.model_uri, registry.tracking_uri, options.bentoml_home,
-                                  options.feature_repo, options.build), indent=2))
+    events = section(params, "events", EventParams, url=events_url)
+    click.echo(json.dumps(package(
+        options.model_uri, registry.tracking_uri, options.bentoml_home,
+        feature_root or section(params, "features", FeatureParams).root, events.url, options.build,
+        options.feature_repo, section(params, "serving", ServingParams), events), indent=2))

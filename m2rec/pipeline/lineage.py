@@ -84,6 +84,7 @@ def write_lineage(source: SourceSpec, data_dir: str | Path, stats: dict) -> dict
         "source_name": stats.get("source"),
         "input": input_lineage(source.input),
         "items": input_lineage(source.items),
+        "events": stats.get("events"),  # the event log's cutoff and how many events were merged
     }
     # the one hash to tag a run with: the input's DVC hash (None for generated data)
     record["dvc_md5"] = record["input"].get("dvc_md5")
@@ -103,6 +104,8 @@ def run_tags(lineage: dict) -> dict[str, str]:
         "dataset.dvc_file": lineage.get("input", {}).get("dvc_file"),
         "dataset.git_commit": lineage.get("input", {}).get("git_commit"),
         "dataset.items_dvc_md5": lineage.get("items", {}).get("dvc_md5"),
+        "dataset.events_merged": (lineage.get("events") or {}).get("merged"),
+        "dataset.events_through_seq": (lineage.get("events") or {}).get("through_seq"),
     }
     return {key: str(value) for key, value in tags.items() if value not in (None, "")}
 

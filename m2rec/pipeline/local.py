@@ -13,11 +13,10 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from m2rec.data.errors import DataError
 from m2rec.data.sources import SourceSpec
-from m2rec.pipeline import load_pipeline_module
 from m2rec.pipeline.settings import PipelineParams
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,9 @@ class PipelineFailed(RuntimeError):
 
 def local_arguments(workdir: Path, source: SourceSpec, model_type: str = "m2rec", epochs: int = 0,
                     gate_metric: str | None = None, gate_threshold: float | None = None,
-                    tracking_uri: str | None = None, feature_repo: str | None = None,
-                    bentoml_home: str | None = None, model_name: str | None = None,
+                    gate_min_improvement: float | None = None, tracking_uri: str | None = None,
+                    feature_root: str | None = None, bentoml_home: str | None = None,
+                    events_url: str | None = None, model_name: str | None = None,
                     experiment: str | None = None) -> dict[str, Any]:
     """The pipeline's run-time arguments for a local run: absolute paths, stores under `workdir` by default."""
     def absolute(path: str | None) -> str:
@@ -47,9 +47,11 @@ def local_arguments(workdir: Path, source: SourceSpec, model_type: str = "m2rec"
         "source_columns": source.columns or "", "source_item_columns": source.item_columns or "",
         "source_encoding": source.encoding or "", "model_type": model_type, "epochs": int(epochs),
         "tracking_uri": tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}",
-        "feature_repo": absolute(feature_repo) or str(workdir / "feature_repo"),
+        "feature_root": absolute(feature_root) or str(workdir / "features"),
         "bentoml_home": absolute(bentoml_home) or str(workdir / "bentoml_home"),
-        "gate_metric": gate_metric, "gate_threshold": gate_threshold, "model_name": model_name,
+        "events_url": events_url or f"sqlite:///{workdir / 'events.db'}",
+        "gate_metric": gate_metric, "gate_threshold": gate_threshold,
+        "gate_min_improvement": gate_min_improvement, "model_name": model_name,
         "experiment": experiment,
     }
     return {k: v for k, v in arguments.items() if v is not None}
@@ -89,10 +91,11 @@ def _task_report(pipeline_root: Path, task: str, started: float) -> Path | None:
     return None
 
 
-def run_local(workdir: str | Path, params: dict, source: SourceSpec, settings: PipelineParams | None = None,
-              **arguments: Any) -> dict:
-    """Run the whole pipeline here with kfp.local and return its summary (see components.stages.summarize), with
-    the run's wall time and where its outputs are. Raises `PipelineFailed` when a task fails."""
+def run_local(build_pipeline: Callable[[PipelineParams, dict], Callable], workdir: str | Path, params: dict,
+              source: SourceSpec, settings: PipelineParams | None = None, **arguments: Any) -> dict:
+    """Run the pipeline that `build_pipeline(settings, params)` defines (pipelines.training.build_pipeline) here
+    with kfp.local and return its summary (components.stages.summarize), with the run's wall time and where its
+    outputs are. Raises `PipelineFailed` when a task fails."""
     from kfp import local
 
     workdir = Path(workdir).expanduser().resolve()
@@ -103,7 +106,7 @@ def run_local(workdir: str | Path, params: dict, source: SourceSpec, settings: P
     # Retries are for lost nodes; here a failure is deterministic, and kfp.local would back off for minutes.
     settings = replace(settings or PipelineParams(), image=f"python:{sys.version_info.major}.{sys.version_info.minor}",
                        packages=[], train_retries=0)
-    pipeline = load_pipeline_module().build_pipeline(settings, params)
+    pipeline = build_pipeline(settings, params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=True)
     log.info("running the pipeline locally: %s", json.dumps(run_arguments))

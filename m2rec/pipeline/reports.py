@@ -39,16 +39,6 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def gate_value(metrics: dict, gate_metric: str) -> float:
-    """The value of `gate_metric` ("split/metric", e.g. test/NDCG@10) in evaluation `metrics`."""
-    split, _, name = gate_metric.partition("/")
-    try:
-        return float(metrics[split][name])
-    except KeyError:
-        raise KeyError(f"gate metric {gate_metric!r} not in the evaluation (have "
-                       f"{sorted(f'{s}/{m}' for s in ('valid', 'test') for m in metrics.get(s, {}))})") from None
-
-
 def evaluation_markdown(metrics: dict, gate: dict) -> str:
     """The evaluation as Markdown: one row per metric, valid and test side by side, then the gate's verdict."""
     lines = [f"# Evaluation of {metrics.get('model_type', 'the model')}", "",
@@ -57,8 +47,9 @@ def evaluation_markdown(metrics: dict, gate: dict) -> str:
              "| metric | valid | test |", "|---|---|---|"]
     for name in metrics["test"]:
         lines.append(f"| {name} | {metrics['valid'].get(name, float('nan')):.4f} | {metrics['test'][name]:.4f} |")
-    verdict = "passed: the model is registered" if gate["passed"] else "failed: the model is not registered"
-    lines += ["", f"Gate: {gate['metric']} = {gate['value']:.4f} against threshold {gate['threshold']} - {verdict}."]
+    verdict = "passed: registered as champion" if gate["passed"] else "failed: tracked, not registered"
+    lines += ["", f"Gate ({gate['metric']}): {gate['reason']} - {verdict}. The test split is reported, never used to "
+              "choose."]
     return "\n".join(lines) + "\n"
 
 
@@ -73,8 +64,13 @@ def format_summary(summary: dict) -> str:
              f"  model     {evaluation.get('model_type')}",
              "  valid     " + "  ".join(f"{n} {evaluation['valid'][n]:.4f}" for n in names),
              "  test      " + "  ".join(f"{n} {evaluation['test'][n]:.4f}" for n in names),
-             f"  gate      {gate['metric']} {gate['value']:.4f} >= {gate['threshold']}: "
-             + ("passed" if gate["passed"] else "FAILED (not registered, not packaged)")]
+             f"  gate      " + ("passed" if gate["passed"] else "FAILED (tracked, not registered, not packaged)")
+             + f": {gate['reason']}"]
+    if summary.get("events"):
+        lines.append(f"  events    {summary['events'].get('merged', 0)} from the event log (through seq "
+                     f"{summary['events'].get('through_seq', 0)})")
+    if summary.get("run_id"):
+        lines.append(f"  mlflow    run {summary['run_id']}")
     registration, bento = summary.get("registration"), summary.get("package")
     if registration:
         lines.append(f"  registered {registration.get('model_name', 'm2rec')} version {registration['version']} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from m2rec.data.errors import DataError
+from m2rec.errors import ConfigError
 
 
 @dataclass
@@ -25,23 +25,35 @@ class PipelineParams:
     train_memory_limit: str = "32G"
     train_retries: int = 2  # a retried train step resumes from its last checkpoint when its output survives
     retry_backoff: str = "60s"
-    # Registration and packaging run only when `gate_metric` ("split/metric") reaches `gate_threshold`.
-    gate_metric: str = "test/NDCG@10"
+    # The gate: registration (with `champion`) and packaging run only when the validation `gate_metric`
+    # ("valid/METRIC") reaches `gate_threshold` and beats the champion's on the same new validation data by more
+    # than `gate_min_improvement`. Every run is tracked in MLflow with the verdict, passed or not.
+    gate_metric: str = "valid/NDCG@10"
     gate_threshold: float = 0.02
-    # Stores shared by runs; on a cluster: an MLflow server and paths on a shared volume.
+    gate_min_improvement: float = 0.0
+    # Stores shared by runs and the service; on a cluster: an MLflow server, and paths on the shared volume below.
     tracking_uri: str = "http://mlflow.m2rec.svc.cluster.local:5000"
-    feature_repo: str = "/mnt/m2rec/feature_repo"
+    feature_root: str = "/mnt/m2rec/features"
     bentoml_home: str = "/mnt/m2rec/bentoml"
+    events_url: str = "postgresql://m2rec@postgres.m2rec.svc.cluster.local:5432/m2rec"  # password: secret_env
     model_name: str = "m2rec"
     experiment: str = "m2rec"
+    # On a cluster every pod has its own filesystem: the steps that read or write the stores mount this
+    # PersistentVolumeClaim at `volume_mount_path`, and get store credentials as environment variables from the
+    # Kubernetes secret `secret_name` (secret key -> variable); nothing secret is a pipeline parameter.
+    volume_claim: str = "m2rec-stores"
+    volume_mount_path: str = "/mnt/m2rec"
+    secret_name: str = "m2rec-stores"
+    secret_env: dict[str, str] = field(default_factory=lambda: {
+        "postgres-password": "PGPASSWORD", "mlflow-username": "MLFLOW_TRACKING_USERNAME",
+        "mlflow-password": "MLFLOW_TRACKING_PASSWORD", "redis-password": "M2REC_REDIS_PASSWORD"})
     # Kubeflow Pipelines endpoint of `m2rec pipeline submit/schedule` (or set KF_PIPELINES_ENDPOINT).
     host: str = ""
 
     def __post_init__(self) -> None:
-        split, _, metric = self.gate_metric.partition("/")
-        if split not in ("valid", "test") or not metric:
-            raise DataError(f"pipeline.gate_metric={self.gate_metric!r} is not 'split/metric'",
-                            "use e.g. test/NDCG@10 or valid/HR@10")
+        from m2rec.registry.config import split_metric
+
+        split_metric(self.gate_metric)
         if self.accelerator_limit < 0 or self.train_retries < 0:
-            raise DataError("pipeline.accelerator_limit and pipeline.train_retries must be >= 0",
+            raise ConfigError("pipeline.accelerator_limit and pipeline.train_retries must be >= 0",
                             "set 0 for no GPU or no retries")

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from m2rec.errors import ConfigError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # relative: the working directory
 SELECTION_METRIC = "NDCG@10"  # validation metric that decides the champion (early stopping uses it too)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -38,3 +40,12 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 def metric_key(name: str) -> str:
     """MLflow metric names cannot hold '@': `valid_NDCG@10` -> `valid_NDCG_at_10`."""
     return name.replace("@", "_at_")
+
+
+def split_metric(gate_metric: str) -> tuple[str, str]:
+    """'valid/NDCG@10' -> ('valid', 'NDCG@10'); the test split may be reported but never decides."""
+    split, _, name = gate_metric.partition("/")
+    if split != "valid" or not name:
+        raise ConfigError(f"pipeline.gate_metric={gate_metric!r} does not name a validation metric",
+                          "use valid/METRIC, e.g. valid/NDCG@10: what is promoted is never chosen on the test split")
+    return split, name

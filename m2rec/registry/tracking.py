@@ -1,5 +1,6 @@
-"""One MLflow run per trained model folder: parameters, per-epoch and final metrics, plots, and the model itself
-(a pyfunc logged from code, its weights as a safetensors artifact)."""
+"""One MLflow run per trained model folder, whether or not it passes the gate: parameters, per-epoch and final
+metrics, plots, the dataset as a logged input and the gate's verdict; the model itself (a pyfunc logged from code,
+its weights as a safetensors artifact) is logged into that run only when it is registered."""
 
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from m2rec.data.errors import DataError
-from m2rec.model.factory import CONFIG_FILE, WEIGHTS_FILE
+from m2rec.model.files import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILES
 from m2rec.registry.config import MODEL_DIR_ARTIFACT, SELECTION_METRIC, metric_key
-from m2rec.stages.train import HISTORY_FILE, ITEMS_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc_model.py"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # m2rec/, logged with the model so it loads without an install
-MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, ITEMS_FILE, METRICS_FILE, HISTORY_FILE)  # not checkpoint.pt
 LOGGED_MODEL_NAME = "model"
 
 
@@ -129,9 +128,22 @@ def pip_requirements() -> list[str]:
         f"{name}>={version(name)}" for name in ("numpy", "pandas", "pyarrow", "safetensors")]
 
 
-def log_training_run(trained: TrainedModel, data_dir: str | Path | None = None) -> str:
-    """Log `trained` into the active MLflow run: tags, parameters, metrics, plots and the model; return the
-    logged model's URI. `data_dir` (the training dataset) adds the gate-weight plot."""
+def log_dataset(data_dir: str | Path, dataset_version: str) -> None:
+    """The training dataset as the active run's input (MLflow's dataset tracking): its source, content hash and
+    schema, from the interactions table."""
+    import mlflow
+    import pandas as pd
+
+    table = Path(data_dir) / "interactions.parquet"
+    frame = pd.read_parquet(table, columns=["user_id", "item_id", "timestamp", "split"])
+    dataset = mlflow.data.from_pandas(frame, source=str(table.resolve()), name=f"interactions-{dataset_version}",
+                                      digest=dataset_version)
+    mlflow.log_input(dataset, context="training")
+
+
+def log_training_run(trained: TrainedModel, data_dir: str | Path | None = None, verdict: dict | None = None) -> str:
+    """Log `trained` into the active MLflow run: tags, parameters, per-epoch and final metrics, plots, the dataset
+    (`data_dir`, also the gate-weight plot) and the gate's `verdict` (GateVerdict.as_dict()); return the run id."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -147,11 +159,27 @@ def log_training_run(trained: TrainedModel, data_dir: str | Path | None = None) 
     mlflow.log_metrics(final_metrics(trained))
     mlflow.log_figure(training_curves(trained.history, trained.metrics.get("best_epoch")),
                       "plots/training_curves.png")
+    if data_dir is not None:
+        log_dataset(data_dir, trained.dataset_version)
     gates = validation_gates(trained, data_dir) if data_dir is not None else None
     if gates is not None:
         mlflow.log_figure(gate_weights(*gates), "plots/gate_weights.png")
     else:
         log.info("no gate weight plot: %s", "the model has no gate" if data_dir else "no data_dir given")
+    if verdict is not None:
+        mlflow.set_tags({"gate.passed": str(verdict["passed"]).lower(), "gate.reason": verdict["reason"],
+                         "gate.metric": verdict["metric"], "gate.champion_version": verdict["champion_version"] or ""})
+        mlflow.log_metrics({"gate_value": verdict["value"], "gate_threshold": verdict["threshold"],
+                            **({"gate_champion_value": verdict["champion_value"]}
+                               if verdict["champion_value"] is not None else {})})
+    log.info("run %s: logged %d epochs, final metrics, plots and the gate's verdict", run_id, len(trained.history))
+    return run_id
+
+
+def log_model(trained: TrainedModel) -> str:
+    """Log the model folder into the active run as a pyfunc; return the logged model's URI."""
+    import mlflow
+
     with tempfile.TemporaryDirectory() as staging:
         model_dir = Path(staging) / "m2rec_model"
         model_dir.mkdir()
@@ -161,5 +189,4 @@ def log_training_run(trained: TrainedModel, data_dir: str | Path | None = None) 
             name=LOGGED_MODEL_NAME, python_model=str(PYFUNC_FILE),
             artifacts={MODEL_DIR_ARTIFACT: str(model_dir)}, code_paths=[str(PACKAGE_DIR)],
             signature=model_signature(), pip_requirements=pip_requirements())
-    log.info("run %s: logged %d epochs, final metrics, plots and the model", run_id, len(trained.history))
     return info.model_uri

@@ -59,7 +59,7 @@ class ServiceSources:
             model_name=str(metadata.get("model_name", "m2rec")),
             feature_root=pick("M2REC_FEATURE_ROOT", "feature_root"),
             feature_build=metadata.get("feature_build"),
-            feature_repo=environ.get("M2REC_FEATURE_REPO") or None,
+            feature_repo=pick("M2REC_FEATURE_REPO", "feature_repo"),
             events_url=pick("M2REC_EVENTS_URL", "events_url"),
             follow_alias=str(environ.get("M2REC_FOLLOW_ALIAS", serving.get("follow_alias", "champion"))),
             poll_interval_s=float(environ.get("M2REC_POLL_SECONDS", serving.get("poll_interval_s", 30.0))),
