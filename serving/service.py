@@ -127,7 +127,8 @@ class M2RecService:
         within their poll interval). Needs `Authorization: Bearer <M2REC_RELOAD_TOKEN>`."""
         failure = token_failure(ctx.request.headers, os.environ.get("M2REC_RELOAD_TOKEN"))
         if failure is not None:
-            return failure_response(failure)
+            ctx.response.status_code = failure.status  # a dict endpoint: the status goes through the context
+            return failure.body()
         return await asyncio.get_running_loop().run_in_executor(None, self.follower.check)
 
     @bentoml.on_shutdown

@@ -25,7 +25,8 @@ from m2rec.pipeline.remote import kfp_cron
 
 REPO = Path(__file__).resolve().parents[1]
 M2REC = Path(sys.executable).parent / "m2rec"
-STAGES = ("prepare", "validate", "features", "train", "evaluate", "register", "package")
+STAGES = ("prepare", "validate", "features", "train", "evaluate", "track", "register", "package")
+STORE_STEPS = ("prepare", "features", "train", "evaluate", "track", "register", "package")  # mount the volume
 # a tiny dataset and model: the whole pipeline in well under a minute on two cores
 TINY = ["-S", "synthetic.n_users=120", "-S", "synthetic.n_items=80", "-S", "synthetic.max_length=30",
         "-S", "model.hidden_size=16", "-S", "model.d_state=8", "-S", "model.max_length=20", "--epochs", "1"]
@@ -57,7 +58,14 @@ def compile_to(path: Path, *args: str) -> dict:
     result = CliRunner().invoke(cli, ["pipeline", "compile", "--output", str(path), "--params",
                                       str(REPO / "params.yaml"), *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return yaml.safe_load(path.read_text())
+    return next(yaml.safe_load_all(path.read_text()))
+
+
+def spec_platform(path: Path) -> dict:
+    """The Kubernetes platform spec of a compiled pipeline (the YAML's second document): executor -> config."""
+    documents = list(yaml.safe_load_all(path.read_text()))
+    assert len(documents) == 2, "the compiled pipeline has no platform spec"
+    return documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def test_compiled_pipeline_requests_a_gpu_for_training_and_gates_registration(tmp_path):
@@ -83,13 +91,29 @@ def test_compiled_pipeline_requests_a_gpu_for_training_and_gates_registration(tm
     passed = next(t for t in branches.values() if "passed" in t["triggerPolicy"].get("condition", "")
                   and "!" not in t["triggerPolicy"]["condition"])
     inner = spec["components"][passed["componentRef"]["name"]]["dag"]["tasks"]
-    assert {"register", "package"} <= set(inner)
+    assert {"register", "package"} <= set(inner) and "track" in tasks  # every run is tracked, passed or not
     # the data source and the hyperparameters are run-time parameters; params.yaml is the default
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert {"source_format", "source_input", "params_json", "epochs", "model_type", "gate_threshold"} <= set(parameters)
     expected = yaml.safe_load((REPO / "params.yaml").read_text())
     expected.setdefault("pipeline", {}).update(train_memory_request="24G", train_retries=3)  # the -S overrides
     assert json.loads(parameters["params_json"]["defaultValue"]) == expected
+
+    # every step that touches a store mounts the shared volume and reads credentials from the secret; no
+    # credential is a pipeline parameter
+    platform = spec_platform(tmp_path / "pipeline.yaml")
+    for step in STORE_STEPS:
+        config = platform[f"exec-{step}"]
+        assert config["pvcMount"] == [{"constant": "m2rec-stores", "mountPath": "/mnt/m2rec",
+                                       "pvcNameParameter": {"runtimeValue": {"constant": "m2rec-stores"}}}]
+        secret = config["secretAsEnv"][0]
+        assert secret["secretName"] == "m2rec-stores" and secret["optional"] is True
+        assert {k["envVar"] for k in secret["keyToEnv"]} == {"PGPASSWORD", "MLFLOW_TRACKING_USERNAME",
+                                                              "MLFLOW_TRACKING_PASSWORD", "M2REC_REDIS_PASSWORD"}
+    assert "exec-validate" not in platform  # it reads only its input artifact
+    assert not {"password", "secret", "token"} & {word for name in parameters for word in name.split("_")}
+    assert parameters["events_url"]["defaultValue"].startswith("postgresql://m2rec@")  # no password in it
+    assert parameters["gate_metric"]["defaultValue"] == "valid/NDCG@10"  # chosen on validation, not test
 
     cpu_only = compile_to(tmp_path / "cpu.yaml", "--accelerator-limit", "0")
     assert "accelerator" not in cpu_only["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
@@ -109,7 +133,7 @@ def test_local_run_end_to_end_registers_and_packages_then_a_failed_gate_register
         assert line in done.stdout
     # artifacts passed between the steps live in the local pipeline root
     run_dir = next((workdir / "kfp").iterdir())
-    assert {*STAGES[:5]} <= {p.name for p in run_dir.iterdir()}
+    assert {*STAGES[:6]} <= {p.name for p in run_dir.iterdir()}
     assert (run_dir / "train" / "model" / "model.safetensors").is_file()
     assert "<img" in (run_dir / "train" / "curves").read_text()
     assert "NDCG@10" in (run_dir / "evaluate" / "report").read_text()
@@ -127,8 +151,13 @@ def test_local_run_end_to_end_registers_and_packages_then_a_failed_gate_register
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["source"].startswith("synthetic") and not summary["gate"]["passed"]
     assert summary["registration"] is None and summary["package"] is None
-    assert "FAILED (not registered" in done.stdout
+    assert "FAILED (tracked, not registered" in done.stdout
     assert [str(v.version) for v in client.search_model_versions("name='m2rec'")] == ["1"]
+    # ... but tracked: its MLflow run holds the per-epoch metrics, the dataset and the verdict
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["gate.passed"] == "false" and "below the threshold 1.0" in run.data.tags["gate.reason"]
+    assert run.data.metrics["gate_threshold"] == 1.0 and "epoch/loss" in run.data.metrics
+    assert run.inputs.dataset_inputs[0].dataset.digest == summary["dataset_version"]
 
 
 def test_failed_validation_stops_the_pipeline_before_training(tmp_path):
@@ -141,7 +170,7 @@ def test_failed_validation_stops_the_pipeline_before_training(tmp_path):
     assert {p.name for p in run_dir.iterdir()} == {"prepare", "validate"}  # no features, no training
     report = (run_dir / "validate" / "report").read_text()
     assert "timestamp" in report and str(run_dir / "validate" / "report") in done.stderr
-    assert not (workdir / "feature_repo").exists() and not (workdir / "mlflow.db").exists()
+    assert not (workdir / "features").exists() and not (workdir / "mlflow.db").exists()
     assert not (workdir / "summary.json").exists()
 
 
@@ -244,3 +273,25 @@ def test_kfp_cron_takes_five_or_six_fields():
     assert kfp_cron("0 0 3 * * *") == "0 0 3 * * *"
     with pytest.raises(ValueError, match="fields"):
         kfp_cron("daily")
+
+
+def test_an_installed_non_editable_m2rec_compiles_the_pipeline(tmp_path):
+    """A wheel installed into a folder of its own (no checkout on the path) compiles the pipeline: the library
+    reaches nothing outside its installed packages."""
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+    assert wheel.returncode == 0, wheel.stderr[-2000:]
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
+                              *map(str, (tmp_path / "dist").glob("m2rec-*.whl"))], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    script = ("import m2rec, pipelines, feature_repo, serving, sys; from m2rec.cli import main; "
+              "print(m2rec.__file__, pipelines.__file__, feature_repo.__file__, serving.__file__); "
+              "sys.argv = ['m2rec', 'pipeline', 'compile', '--output', 'out.yaml']; main()")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(path.startswith(str(target)) for path in done.stdout.split()[:4]), done.stdout
+    assert spec_platform(tmp_path / "out.yaml")["exec-features"]["pvcMount"]
+    assert (target / "feature_repo" / "feature_store.yaml").is_file() and (target / "feature_repo" / ".feastignore").is_file()
+    assert (target / "serving" / "bentofile.yaml").is_file()

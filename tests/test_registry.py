@@ -1,5 +1,6 @@
-"""MLflow registry: runs hold params, per-epoch metrics, plots and a safe pyfunc model; `champion` moves only to a
-better version on the same dataset; failures leave aliases alone; it works on SQLite and on PostgreSQL."""
+"""MLflow registry: every run holds params, per-epoch metrics, plots, the dataset and the gate's verdict; a safe
+pyfunc model is registered from it; `champion` moves only to a version that beats the champion on the same
+validation data; failures leave aliases alone; it works on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,33 +16,26 @@ from click.testing import CliRunner
 from m2rec.cli import cli
 from m2rec.data.errors import DataError
 from m2rec.inference import Recommender
-from m2rec.registry.aliases import decide
+from m2rec.data.prepared import PreparedDataset
+from m2rec.registry.gate import decide, score_on
 from m2rec.stages.register import register
 
 
 
-def train_tiny_model(data_dir: Path, output: Path) -> Path:
-    """A 2-epoch M2Rec on the tiny dataset (item texts through the cached text encoder)."""
+def train_tiny_model(data_dir: Path, output: Path, epochs: int = 2) -> Path:
+    """A small M2Rec on the tiny dataset (item texts through the cached text encoder)."""
     from m2rec.model.config import ModelParams
     from m2rec.stages.train import train
     from m2rec.training.trainer import TrainParams
 
     train(data_dir, output, "m2rec", ModelParams(hidden_size=16, d_state=8, max_length=20),
-          TrainParams(epochs=2, batch_size=32, progress=False))
+          TrainParams(epochs=epochs, batch_size=32, progress=False))
     return output
 
 
-def variant(model_dir: Path, target: Path, ndcg_shift: float = 0.0, dataset_version: str | None = None) -> Path:
-    """A copy of a model folder whose recorded validation NDCG@10 (and optionally dataset) differs: the registry
-    decides on these records, so this is how a worse or better model looks to it."""
+def variant(model_dir: Path, target: Path) -> Path:
+    """A copy of a model folder."""
     shutil.copytree(model_dir, target)
-    metrics = json.loads((target / "metrics.json").read_text())
-    metrics["valid"]["NDCG@10"] += ndcg_shift
-    (target / "metrics.json").write_text(json.dumps(metrics))
-    if dataset_version is not None:
-        config = json.loads((target / "config.json").read_text())
-        config["dataset_version"] = dataset_version
-        (target / "config.json").write_text(json.dumps(config))
     return target
 
 
@@ -63,14 +57,15 @@ def model_dir(tiny_synthetic, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sequence(model_dir, tiny_synthetic, tmp_path_factory) -> dict:
-    """First the trained model, then a worse and then a better one, registered in one store."""
+    """First the trained model, then one no better (the same model again) and then a better one (trained longer),
+    registered in one store; the gate scores each against the champion on the same validation data."""
     root = tmp_path_factory.mktemp("sequence")
     uri = sqlite_uri(root)
-    steps = {"first": register(model_dir, uri, data_dir=tiny_synthetic)}
+    steps = {"first": register(model_dir, tiny_synthetic, uri, feature_build="build-1")}
     steps["after_first"] = aliases(uri)
-    steps["worse"] = register(variant(model_dir, root / "worse", -0.01), uri)
+    steps["worse"] = register(variant(model_dir, root / "worse"), tiny_synthetic, uri)
     steps["after_worse"] = aliases(uri)
-    steps["better"] = register(variant(model_dir, root / "better", +0.01), uri)
+    steps["better"] = register(train_tiny_model(tiny_synthetic, root / "better", epochs=8), tiny_synthetic, uri)
     steps["after_better"] = aliases(uri)
     return {"uri": uri, **steps}
 
@@ -85,14 +80,15 @@ def test_first_registration_becomes_champion(sequence):
 def test_worse_model_does_not_replace_champion(sequence):
     worse = sequence["worse"]
     assert worse["alias"] == "challenger" and worse["version"] == "2" and worse["champion_version"] == "1"
-    assert "does not beat" in worse["reason"]
+    assert "does not beat" in worse["gate"]["reason"] and worse["gate"]["champion_version"] == "1"
     assert sequence["after_worse"] == {"champion": "1", "challenger": "2"}
 
 
 def test_better_model_replaces_champion(sequence):
     better = sequence["better"]
     assert better["alias"] == "champion" and better["version"] == "3" and better["champion_version"] == "3"
-    assert "beats champion v1" in better["reason"]
+    assert "beats champion v1" in better["gate"]["reason"]
+    assert better["gate"]["value"] > better["gate"]["champion_value"]
     assert sequence["after_better"] == {"champion": "3", "challenger": "2"}
 
 
@@ -145,61 +141,71 @@ def test_run_records_params_epochs_metrics_and_plots(sequence, model_dir):
     per_epoch = client.get_metric_history(run.info.run_id, "epoch/loss")
     assert [(m.step, m.value) for m in per_epoch] == [(r["epoch"], pytest.approx(r["loss"])) for r in history]
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/training_curves.png", "plots/gate_weights.png"}  # gates: --data was given
-    later = client.get_run(sequence["worse"]["run_id"])
-    assert {a.path for a in client.list_artifacts(later.info.run_id, "plots")} == {"plots/training_curves.png"}
+    assert plots == {"plots/training_curves.png", "plots/gate_weights.png"}
+    assert run.inputs.dataset_inputs[0].dataset.digest == metrics["dataset_version"]  # the dataset, as an input
+    assert run.data.tags["gate.passed"] == "true" and run.data.metrics["gate_value"] > 0
+    worse = client.get_run(sequence["worse"]["run_id"])
+    assert worse.data.tags["gate.passed"] == "false" and worse.data.tags["gate.champion_version"] == "1"
+    version = client.get_model_version("m2rec", "1")
+    assert version.tags["feature_build"] == "build-1" and version.run_id == run.info.run_id
 
 
-def test_failed_run_changes_no_alias(model_dir, tmp_path, monkeypatch):
+def test_failed_run_changes_no_alias(model_dir, tiny_synthetic, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = sqlite_uri(tmp_path)
-    register(model_dir, uri)
-    better = variant(model_dir, tmp_path / "better", +0.5)
+    register(model_dir, tiny_synthetic, uri)
+    better = train_tiny_model(tiny_synthetic, tmp_path / "better", epochs=6)
 
     def broken_log_model(*args, **kwargs):
         raise RuntimeError("artifact store went away")
 
     monkeypatch.setattr(mlflow.pyfunc, "log_model", broken_log_model)
     with pytest.raises(RuntimeError, match="went away"):
-        register(better, uri)
+        register(better, tiny_synthetic, uri)
     client = MlflowClient(uri)
     assert aliases(uri) == {"champion": "1"}
     assert len(client.search_model_versions("name='m2rec'")) == 1
-    runs = client.search_runs([client.get_experiment_by_name("m2rec").experiment_id])
-    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
 
 
-def test_version_on_another_dataset_is_challenger(model_dir, tmp_path):
-    uri = sqlite_uri(tmp_path)
-    register(model_dir, uri)
-    other = register(variant(model_dir, tmp_path / "other", +0.5, dataset_version="other-data"), uri)
-    assert other["alias"] == "challenger" and other["champion_version"] == "1"
-    assert "not comparable" in other["reason"]
+def test_the_champion_is_scored_on_the_new_data_through_item_ids(model_dir, tiny_synthetic, tmp_path):
+    """A champion trained on another catalog (here: item indices shuffled) is compared on the same targets."""
+    data = PreparedDataset.load(tiny_synthetic)
+    own = score_on(model_dir, data, "valid")
+    permutation = np.random.default_rng(0).permutation(data.num_items) + 1  # new index of each old one
+    remap = np.concatenate([[0], permutation])
+    reindexed = PreparedDataset(data.interactions.assign(item_idx=remap[data.interactions["item_idx"]]),
+                                data.items.assign(item_idx=remap[data.items["item_idx"]]), data.stats)
+    assert score_on(model_dir, reindexed, "valid") == pytest.approx(own)
+    fewer = PreparedDataset(data.interactions, data.items.assign(item_id=data.items["item_id"] + "-renamed"),
+                            data.stats)
+    assert score_on(model_dir, fewer, "valid")["HR@20"] == 0  # no target it knows: every one a miss
 
 
-@pytest.mark.parametrize("score, champion, alias", [
-    (0.30, (None, None, None), "champion"),
-    (0.30, ("1", "d", 0.30), "challenger"),  # a tie keeps the champion
-    (0.31, ("1", "d", 0.30), "champion"),
-    (0.99, ("1", "e", 0.30), "challenger"),
+@pytest.mark.parametrize("value, champion, passed, reason", [
+    (0.30, (None, None), True, "there is no champion yet"),
+    (0.30, ("1", 0.30), False, "does not beat champion v1"),  # a tie keeps the champion
+    (0.31, ("1", 0.30), True, "beats champion v1"),
+    (0.01, (None, None), False, "below the threshold"),
 ])
-def test_alias_rule(score, champion, alias):
-    assert decide("2", "d", score, *champion).alias == alias
+def test_gate_rule(value, champion, passed, reason):
+    verdict = decide("valid/NDCG@10", value, 0.02, *champion)
+    assert verdict.passed is passed and reason in verdict.reason
 
 
-def test_incomplete_model_folder_is_refused(model_dir, tmp_path):
+def test_incomplete_model_folder_is_refused(model_dir, tiny_synthetic, tmp_path):
     broken = variant(model_dir, tmp_path / "broken")
     (broken / "metrics.json").unlink()
     with pytest.raises(DataError, match="lacks metrics.json"):
-        register(broken, sqlite_uri(tmp_path))
+        register(broken, tiny_synthetic, sqlite_uri(tmp_path))
 
 
-def test_register_and_package_commands(model_dir, tmp_path):
+def test_register_and_package_commands(model_dir, tiny_synthetic, tmp_path):
     uri = sqlite_uri(tmp_path)
     runner = CliRunner()
-    done = runner.invoke(cli, ["register", "--model-dir", str(model_dir), "--tracking-uri", uri])
+    done = runner.invoke(cli, ["register", "--model-dir", str(model_dir), "--data", str(tiny_synthetic),
+                               "--tracking-uri", uri])
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["alias"] == "champion"
     home = tmp_path / "bentoml"
@@ -210,6 +216,10 @@ def test_register_and_package_commands(model_dir, tmp_path):
     stored = home / "models" / name / version
     assert {"model.safetensors", "config.json", "items.parquet"} <= {p.name for p in stored.iterdir()}
     assert packaged["bento_tag"] is None and "serving.service:M2RecService" in packaged["serve_command"]
+    import yaml
+
+    recorded = yaml.safe_load((stored / "model.yaml").read_text())["metadata"]
+    assert recorded["tracking_uri"] == uri and recorded["serving"]["follow_alias"] == "champion"
     done = runner.invoke(cli, ["package", "--tracking-uri", uri, "--model-uri", "models:/m2rec@nobody"])
     assert done.exit_code != 0 and "not in the registry" in str(done.exception)
 
@@ -223,14 +233,13 @@ def postgres_uri(postgres_url):
     mlflow.set_tracking_uri(None)  # let MLflow's connections to the database go before it is dropped
 
 
-def test_registry_on_postgresql(postgres_uri, model_dir, tmp_path):
+def test_registry_on_postgresql(postgres_uri, model_dir, tiny_synthetic, tmp_path):
     from mlflow.tracking import MlflowClient
 
     artifacts = (tmp_path / "artifacts").as_uri()
-    first = register(model_dir, postgres_uri, artifact_location=artifacts)
-    worse = register(variant(model_dir, tmp_path / "worse", -0.01), postgres_uri)
-    better = register(variant(model_dir, tmp_path / "better", +0.01), postgres_uri)
-    assert [first["alias"], worse["alias"], better["alias"]] == ["champion", "challenger", "champion"]
-    assert aliases(postgres_uri) == {"champion": "3", "challenger": "2"}
-    run = MlflowClient(postgres_uri).get_run(better["run_id"])
-    assert run.data.metrics["valid_NDCG_at_10"] == pytest.approx(better["valid_NDCG@10"])
+    first = register(model_dir, tiny_synthetic, postgres_uri, artifact_location=artifacts)
+    worse = register(variant(model_dir, tmp_path / "worse"), tiny_synthetic, postgres_uri)
+    assert [first["alias"], worse["alias"]] == ["champion", "challenger"]
+    assert aliases(postgres_uri) == {"champion": "1", "challenger": "2"}
+    run = MlflowClient(postgres_uri).get_run(worse["run_id"])
+    assert run.data.tags["gate.passed"] == "false"

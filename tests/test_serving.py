@@ -17,12 +17,17 @@ import pytest
 import requests
 from test_registry import sqlite_uri, train_tiny_model
 
+from m2rec.events.log import EventLog
 from m2rec.inference import Recommender
 from m2rec.serving.batching import AdaptiveBatcher
 from m2rec.serving.core import Ranker, length_buckets
-from m2rec.serving.http import BodySizeLimit
+from m2rec.serving.follower import ChampionFollower, ServiceSources
+from m2rec.serving.http import BodySizeLimit, token_failure
 from m2rec.serving.launcher import bentoml_serve
-from m2rec.serving.schemas import MAX_HISTORY_ITEMS, RankQuery
+from m2rec.serving.schemas import MAX_HISTORY_ITEMS, EventIn, RankQuery
+from m2rec.stages.register import register
+
+RELOAD_TOKEN = "test-reload-token"
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +41,20 @@ def model_dir(tiny_synthetic, workspace) -> Path:
 
 
 @pytest.fixture(scope="module")
-def feature_repo(tiny_synthetic, workspace) -> Path:
+def feature_build(tiny_synthetic, workspace) -> dict:
     from m2rec.stages.features import build_features
 
-    build_features(tiny_synthetic, workspace / "features")
-    return workspace / "features"
+    return build_features(tiny_synthetic, workspace / "features")
+
+
+@pytest.fixture(scope="module")
+def feature_repo(feature_build) -> Path:
+    return Path(feature_build["repo_dir"])
+
+
+@pytest.fixture(scope="module")
+def events_url(workspace) -> str:
+    return f"sqlite:///{workspace / 'events.db'}"
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +64,27 @@ def users(tiny_synthetic) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ranker(model_dir, feature_repo) -> Ranker:
-    return Ranker(model_dir, feature_repo, "m2rec v1")
+def ranker(model_dir, feature_repo, events_url) -> Ranker:
+    return Ranker(model_dir, feature_repo, "m2rec v1", EventLog(events_url))
 
 
 @pytest.fixture(scope="module")
-def packaged(model_dir, tiny_synthetic, feature_repo, workspace) -> dict:
+def packaged(model_dir, tiny_synthetic, feature_build, events_url, workspace) -> dict:
     from m2rec.stages.package import package
-    from m2rec.stages.register import register
 
     uri = sqlite_uri(workspace)
-    register(model_dir, uri, data_dir=tiny_synthetic)
-    return package(tracking_uri=uri, bentoml_home=workspace / "bentoml", feature_repo=feature_repo)
+    register(model_dir, tiny_synthetic, uri, feature_build=feature_build["build_key"])
+    return package(tracking_uri=uri, bentoml_home=workspace / "bentoml", feature_root=workspace / "features",
+                   events_url=events_url)
 
 
 @pytest.fixture(scope="module")
 def server(packaged, workspace) -> str:
     """`bentoml serve` of the Bento on a free local port; SIGTERM at the end."""
-    env = {**os.environ, "BENTOML_HOME": packaged["bentoml_home"], "BENTOML_DO_NOT_TRACK": "true"}
-    env.pop("M2REC_FEATURE_REPO", None)  # the repository recorded by `package` is the one to use
+    env = {**os.environ, "BENTOML_HOME": packaged["bentoml_home"], "BENTOML_DO_NOT_TRACK": "true",
+           "M2REC_RELOAD_TOKEN": RELOAD_TOKEN}
+    for variable in ("M2REC_FEATURE_REPO", "M2REC_FEATURE_ROOT", "M2REC_EVENTS_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(variable, None)  # what `package` recorded is what the service uses
     with bentoml_serve(packaged["bento_tag"], env, workspace / "serve.log", cwd=workspace, ready_timeout_s=180) as url:
         yield url
 
@@ -81,7 +97,7 @@ def post(url: str, path: str, body: dict) -> requests.Response:
 
 def test_rank_answers_each_query_of_a_mixed_batch(ranker, model_dir, users):
     recommender = Recommender(model_dir)
-    sequence = ranker.features.user_sequences([users[0]])[0]
+    sequence = ranker.sequences.histories([users[0]])[0]
     history_ids = recommender.item_ids[[1, 2, 3]].tolist()
     queries = [RankQuery(user_id=users[0], k=5, exclude_seen=True),
                RankQuery(user_id="no-such-user", k=5, exclude_seen=True),
@@ -109,16 +125,16 @@ def test_without_feature_repo_users_get_503_and_histories_still_work(model_dir):
     by_user, by_history = ranker.rank([RankQuery(user_id="u1", k=3, exclude_seen=True),
                                        RankQuery(item_ids=[], k=3, exclude_seen=True)])
     assert by_user.failure.status == 503 and by_user.failure.field == "user_id"
-    assert "M2REC_FEATURE_REPO" in by_user.failure.message
+    assert "M2REC_FEATURE_ROOT" in by_user.failure.message
     assert by_history.response.strategy == "popularity" and len(by_history.response.items) == 3
-    assert ranker.push_event("u1", "i00001").failure.status == 503
+    assert ranker.record_events([EventIn(user_id="u1", item_id="i00001")]).failure.status == 503
 
 
-def test_feature_repo_of_another_dataset_is_not_used(model_dir, feature_repo, tmp_path):
+def test_feature_repo_of_another_dataset_is_not_used(model_dir, feature_repo, events_url, tmp_path):
     other = shutil.copytree(feature_repo, tmp_path / "other")
     build = json.loads((other / "data" / "build.json").read_text())
     (other / "data" / "build.json").write_text(json.dumps({**build, "dataset_version": "another"}))
-    ranker = Ranker(model_dir, other)
+    ranker = Ranker(model_dir, other, events=EventLog(events_url))
     failure = ranker.rank([RankQuery(user_id="u1", k=3, exclude_seen=True)])[0].failure
     assert failure.status == 503 and "built from dataset another" in failure.message
 
@@ -186,7 +202,7 @@ def test_body_size_limit_counts_chunked_bodies():
 # --- the service, over HTTP ------------------------------------------------------------------------------------
 
 def test_recommend_for_a_user_uses_the_feature_store(server, ranker, model_dir, users):
-    sequence = ranker.features.user_sequences([users[1]])[0]
+    sequence = ranker.sequences.histories([users[1]])[0]
     reply = post(server, "/recommend", {"user_id": users[1], "k": 5})
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -225,21 +241,52 @@ def test_an_event_changes_the_users_next_recommendations(server, ranker, users):
     reply = post(server, "/events", {"user_id": user, "item_id": top_item})
     assert reply.status_code == 200, reply.text
     assert reply.json()["sequence_length"] == min(before["history_length"] + 1, ranker.features.max_sequence_length)
+    assert reply.json()["model_version"] == before["model_version"] and not reply.json()["duplicate"]
     after = post(server, "/recommend", {"user_id": user, "k": 3}).json()
     assert after["history_length"] == reply.json()["sequence_length"]
     assert top_item not in {i["item_id"] for i in after["items"]}  # now seen, so excluded
-    new_user = post(server, "/events", {"user_id": "brand-new-user", "item_id": top_item,
-                                        "timestamp": "2030-01-01T00:00:00Z"})
+    new_user = post(server, "/events", {"user_id": "brand-new-user", "item_id": top_item})
     assert new_user.json()["sequence_length"] == 1
     assert post(server, "/recommend", {"user_id": "brand-new-user"}).json()["strategy"] == "model"
 
 
-def test_events_refuse_unknown_items_and_old_timestamps(server, users):
+def test_events_refuse_unknown_items_and_times_outside_the_window(server, users):
     unknown = post(server, "/events", {"user_id": users[3], "item_id": "no-such-item"})
     assert unknown.status_code == 400 and unknown.json()["detail"][0]["loc"] == ["item_id"]
-    old = post(server, "/events", {"user_id": users[3], "item_id": "i00001", "timestamp": "1990-01-01T00:00:00Z"})
-    assert old.status_code == 400 and old.json()["detail"][0]["loc"] == ["timestamp"]
-    assert "time order" in old.json()["error"]
+    for when in ("1990-01-01T00:00:00Z", "2099-01-01T00:00:00Z"):
+        refused = post(server, "/events", {"user_id": users[3], "item_id": "i00001", "timestamp": when})
+        assert refused.status_code == 400 and refused.json()["detail"][0]["loc"] == ["timestamp"]
+        assert "outside the accepted window" in refused.json()["error"]
+
+
+def test_late_events_take_their_place_and_retries_apply_once(server, users, model_dir):
+    from datetime import datetime, timedelta, timezone
+
+    user, recommender = users[4], Recommender(model_dir)
+    first, second = recommender.item_ids[[7, 8]].tolist()
+    now = datetime.now(timezone.utc)
+    before = post(server, "/recommend", {"user_id": user}).json()["history_length"]
+    body = {"user_id": user, "item_id": first, "event_id": f"{user}-late", "timestamp": (now - timedelta(hours=2))
+            .isoformat()}
+    assert post(server, "/events", {"user_id": user, "item_id": second, "timestamp": now.isoformat()}).ok
+    late = post(server, "/events", body).json()
+    retry = post(server, "/events", body).json()
+    assert not late["duplicate"] and retry["duplicate"] and retry["seq"] == late["seq"]
+    assert retry["sequence_length"] == late["sequence_length"] == before + 2
+    conflict = post(server, "/events", {**body, "item_id": second})
+    assert conflict.status_code == 409 and conflict.json()["detail"][0]["loc"] == ["event_id"]
+
+
+def test_event_batches_are_all_or_nothing(server, users):
+    good = {"user_id": users[5], "item_id": "i00001"}
+    refused = post(server, "/events_batch", {"events": [good, {"user_id": users[5], "item_id": "nope"}]})
+    assert refused.status_code == 400 and refused.json()["detail"][0]["loc"] == ["events[1].item_id"]
+    before = post(server, "/recommend", {"user_id": users[5]}).json()["history_length"]
+    assert before == post(server, "/recommend", {"user_id": users[5]}).json()["history_length"]
+    stored = post(server, "/events_batch", {"events": [good, {**good, "item_id": "i00002"}]})
+    assert stored.status_code == 200, stored.text
+    assert [e["sequence_length"] for e in stored.json()["events"]] == [before + 2, before + 2]
+    assert post(server, "/events_batch", {"events": []}).status_code == 400
 
 
 @pytest.mark.parametrize("path, body, status, field", [
@@ -259,6 +306,7 @@ def test_events_refuse_unknown_items_and_old_timestamps(server, users):
     ("/recommend_by_history", {"item_ids": ["i00001"], "k": 100000}, 400, "k"),
     ("/events", {"user_id": "u1"}, 400, "item_id"),
     ("/events", {"user_id": "u1", "item_id": "i00001", "timestamp": "yesterday"}, 400, "timestamp"),
+    ("/events", {"user_id": "u1", "item_id": "i00001", "event_id": ""}, 400, "event_id"),
     ("/recommend_by_history", {"item_ids": ["x" * 200] * 400}, 413, "body"),
 ])
 def test_bad_input_gets_4xx_naming_the_field(server, path, body, status, field):
@@ -284,7 +332,9 @@ def test_bad_encodings_are_refused_and_the_server_stays_up(server):
 
 def test_operations_endpoints_and_docs(server):
     assert requests.get(f"{server}/healthz", timeout=5).status_code == 200
-    assert requests.get(f"{server}/readyz", timeout=5).status_code == 200
+    ready = requests.get(f"{server}/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json()["model_version"] == "m2rec v1"
+    assert ready.json()["follows"] == "m2rec@champion" and ready.json()["last_error"] is None
     for _ in range(8):
         post(server, "/recommend", {"user_id": "u1"})
     metrics = requests.get(f"{server}/metrics", timeout=5).text
@@ -292,5 +342,43 @@ def test_operations_endpoints_and_docs(server):
     batched = re.search(r"^m2rec_batch_size_sum(?:\{[^}]*\})? ([0-9.e+]+)$", metrics, re.MULTILINE)
     assert batched and float(batched.group(1)) >= 8  # every query reaches the model through the batcher
     spec = requests.get(f"{server}/docs.json", timeout=5).json()
-    assert {"/recommend", "/recommend_by_history", "/events"} <= set(spec["paths"])
+    assert {"/recommend", "/recommend_by_history", "/events", "/events_batch", "/reload"} <= set(spec["paths"])
     assert "text/html" in requests.get(f"{server}/", timeout=5).headers["content-type"]
+
+
+def test_reload_needs_the_token(server):
+    reply = requests.post(f"{server}/reload", json={}, timeout=30)
+    assert reply.status_code == 401, reply.text
+    wrong = requests.post(f"{server}/reload", json={}, timeout=30, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["detail"][0]["loc"] == ["authorization"]
+    done = requests.post(f"{server}/reload", json={}, timeout=60,
+                         headers={"Authorization": f"Bearer {RELOAD_TOKEN}"})
+    assert done.status_code == 200 and done.json()["registry_version"] == "1"
+    assert token_failure({}, None).status == 403  # no token configured: reloading is off
+
+
+def test_the_follower_swaps_in_the_champion_keeps_the_old_on_failure_and_rolls_back(
+        model_dir, tiny_synthetic, feature_build, events_url, workspace, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from m2rec.stages.register import promote, track
+
+    uri = sqlite_uri(tmp_path)
+    register(model_dir, tiny_synthetic, uri, feature_build=feature_build["build_key"])
+    events = EventLog(events_url)
+    sources = ServiceSources.resolve({"tracking_uri": uri, "feature_root": str(workspace / "features"),
+                                      "events_url": events_url}, {}, tmp_path / "home")
+    follower = ChampionFollower(Ranker(model_dir, None, "m2rec v1"), "1", sources, events)
+    # v2 names a feature build that is not there: it fails to load, v1 keeps serving and /readyz says why
+    run = track(model_dir, tiny_synthetic, None, uri)
+    promote(run, model_dir, True, uri, feature_build="missing-build")
+    status = follower.check()
+    assert follower.current.model_version == "m2rec v1" and "missing-build" in status["last_error"]
+    # v3 is complete: swapped in, with user features, and the error is gone
+    promote(track(model_dir, tiny_synthetic, None, uri), model_dir, True, uri, feature_build=feature_build["build_key"])
+    status = follower.check()
+    assert status["model_version"] == "m2rec v3" and status["last_error"] is None
+    assert follower.current.sequences is not None
+    # rolling back is moving the alias back
+    MlflowClient(uri).set_registered_model_alias("m2rec", "champion", "1")
+    assert follower.check()["model_version"] == "m2rec v1"

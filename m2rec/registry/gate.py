@@ -81,7 +81,7 @@ def champion_value(client, model_name: str, alias: str, data: PreparedDataset, m
         return None, None
     split, name = split_metric(metric)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = download_model_folder(model_name, version, scratch)
+        folder = download_model_folder(model_name, version, scratch, client.tracking_uri)
         value = score_on(folder, data, split, mask_history)[name]
     log.info("champion v%s scores %s %.4f on dataset %s", version, metric, value, data.stats.get("dataset_version"))
     return version, value

@@ -27,16 +27,19 @@ def resolve_version(client, model_uri: str):
                         "register a model with `m2rec register`, or point --tracking-uri at its registry") from err
 
 
-def download_model_folder(name: str, version: str, destination: str | Path) -> Path:
-    """Download the m2rec model folder (the pyfunc's `model_dir` artifact) of version `version` of `name`."""
+def download_model_folder(name: str, version: str, destination: str | Path, tracking_uri: str) -> Path:
+    """Download the m2rec model folder (the pyfunc's `model_dir` artifact) of version `version` of `name` from the
+    registry at `tracking_uri` (asked explicitly: no process-wide MLflow setting is read or changed)."""
     import mlflow
     from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
 
-    uri = f"models:/{name}/{version}"
-    mlmodel = mlflow.artifacts.download_artifacts(f"{uri}/MLmodel", dst_path=str(destination))
+    location = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
+    mlmodel = mlflow.artifacts.download_artifacts(f"{location}/MLmodel", dst_path=str(destination),
+                                                  tracking_uri=tracking_uri)
     artifacts = Model.load(mlmodel).flavors.get("python_function", {}).get("artifacts") or {}
     if MODEL_DIR_ARTIFACT not in artifacts:
-        raise DataError(f"{uri} holds no {MODEL_DIR_ARTIFACT!r} artifact",
+        raise DataError(f"models:/{name}/{version} holds no {MODEL_DIR_ARTIFACT!r} artifact",
                         "package versions registered by `m2rec register`")
-    return Path(mlflow.artifacts.download_artifacts(f"{uri}/{artifacts[MODEL_DIR_ARTIFACT]['path']}",
-                                                    dst_path=str(destination)))
+    return Path(mlflow.artifacts.download_artifacts(f"{location}/{artifacts[MODEL_DIR_ARTIFACT]['path']}",
+                                                    dst_path=str(destination), tracking_uri=tracking_uri))

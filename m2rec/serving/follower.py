@@ -86,7 +86,7 @@ def fetch_version(client, name: str, version: str, cache: Path) -> tuple[Path, s
     if not folder.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as scratch:
-            downloaded = download_model_folder(name, version, scratch)
+            downloaded = download_model_folder(name, version, scratch, client.tracking_uri)
             try:
                 downloaded.rename(folder)  # atomic: a folder in the cache is always complete
             except OSError:  # another worker was faster

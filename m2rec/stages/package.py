@@ -52,7 +52,7 @@ def package(model_uri: str = "models:/m2rec@champion", tracking_uri: str | None 
     }
     metadata = _without_none(recorded)
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = download_model_folder(version.name, version.version, scratch)
+        model_dir = download_model_folder(version.name, version.version, scratch, tracking_uri)
         model_tag = import_model(model_dir, version.name, home, labels, metadata)
     env = f"BENTOML_HOME={shlex.quote(str(home))}"
     result = {"bentoml_model_tag": model_tag, "bentoml_home": str(home), "registry_version": str(version.version),
