@@ -245,9 +245,11 @@ def test_submit_sends_a_run_of_the_compiled_pipeline(kfp_server):
     assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
     assert run["runtime_config"]["parameters"] == {"epochs": 3, "source_format": "movielens",
                                                    "source_input": "/data/ml-100k"}
-    spec = run["pipeline_spec"]
+    sent = run["pipeline_spec"]  # the pipeline and, beside it, its Kubernetes platform spec (volumes, secrets)
+    spec = sent["pipeline_spec"]
     assert spec["pipelineInfo"]["name"] == "m2rec-training"
     assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+    assert sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]["pvcMount"]
 
 
 def test_schedule_sends_a_recurring_run_with_a_kfp_cron(kfp_server, tmp_path):
@@ -264,7 +266,7 @@ def test_schedule_sends_a_recurring_run_with_a_kfp_cron(kfp_server, tmp_path):
     assert job["display_name"] == "nightly-retraining" and job["mode"] == "ENABLE"
     assert job["experiment_id"] == "exp-1" and job["no_catchup"] is True and int(job["max_concurrency"]) == 1
     assert job["runtime_config"]["parameters"] == {"epochs": 20}
-    train = job["pipeline_spec"]["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    train = job["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert train["accelerator"]["resourceType"] == "nvidia.com/a100"
 
 

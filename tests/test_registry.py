@@ -92,11 +92,11 @@ def test_better_model_replaces_champion(sequence):
     assert sequence["after_better"] == {"champion": "3", "challenger": "2"}
 
 
-def test_champion_gives_the_trained_models_recommendations(sequence, model_dir):
+def test_a_registered_version_gives_the_trained_models_recommendations(sequence, model_dir):
     import mlflow
 
     mlflow.set_tracking_uri(sequence["uri"])
-    loaded = mlflow.pyfunc.load_model("models:/m2rec@champion")
+    loaded = mlflow.pyfunc.load_model("models:/m2rec/1")  # the model trained in model_dir
     recommender = Recommender(model_dir)
     histories = [recommender.item_ids[[3, 5, 8]].tolist(), recommender.item_ids[[10]].tolist(), []]
     out = loaded.predict(pd.DataFrame({"item_ids": histories}), params={"k": 7, "exclude_seen": True})

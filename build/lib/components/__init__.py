@@ -1,0 +1,1 @@
+"""Kubeflow components of the M2Rec pipeline: one per stage, thin wrappers over `m2rec.stages`."""

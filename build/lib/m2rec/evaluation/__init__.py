@@ -1,0 +1,1 @@
+"""Full-ranking leave-one-out evaluation: HR, NDCG and MRR at K over all items."""

@@ -1,0 +1,1 @@
+"""Model components of M2Rec (selective scan, Mamba block, ...)."""

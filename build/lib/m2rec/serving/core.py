@@ -1,0 +1,185 @@
+"""What the model worker does, free of BentoML so it can be tested without a server: load a model version and the
+feature build it was trained with, derive users' sequences (the build's snapshot plus the events logged since),
+rank batches of queries and record events."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from m2rec.data.errors import DataError
+from m2rec.events.log import Event, EventConflict, EventLog, EventParams
+from m2rec.inference import Recommendation, Recommender
+from m2rec.serving.schemas import (EventIn, EventResponse, EventsResponse, EventsResult, Failure, RankQuery,
+                                   RankResult, RecommendedItem, RecommendResponse)
+
+log = logging.getLogger(__name__)
+BAD_REQUEST, CONFLICT, UNAVAILABLE = 400, 409, 503
+MIN_BUCKET_LENGTH = 16  # histories this short are cheap: no need to split them further
+FEATURE_REPO_FIX = ("set M2REC_FEATURE_ROOT (or `m2rec package --feature-root`) to the folder of the feature builds "
+                    "`m2rec features build` wrote for the model's dataset; /recommend_by_history works without one")
+
+
+def open_feature_client(repo: str | Path | None, dataset_version: str | None):
+    """(FeatureClient, None) for a usable repository, else (None, why not)."""
+    if not repo:
+        return None, "no feature repository is configured"
+    from m2rec.features.store import FeatureClient
+
+    try:
+        client = FeatureClient(repo)
+    except Exception as err:  # a missing build, a broken registry, an unreachable online store: all mean "none"
+        return None, f"feature repository {repo} cannot be opened ({err})"
+    if client.build.get("dataset_version") != dataset_version:
+        return None, (f"feature repository {repo} was built from dataset {client.build.get('dataset_version')}, "
+                      f"but the model was trained on {dataset_version}")
+    return client, None
+
+
+def length_buckets(rows: list[int], histories: dict[int, list[int]], max_length: int, ratio: float = 1.5
+                   ) -> list[list[int]]:
+    """Split `rows` into runs of similar history length (the longest at most `ratio` times the shortest, or
+    short anyway): a batch is padded to its longest history and the model's cost grows with the padded size."""
+    length = {i: max(1, min(len(histories[i]), max_length)) for i in rows}
+    buckets: list[list[int]] = []
+    for i in sorted(rows, key=length.__getitem__):
+        if buckets and length[i] <= max(ratio * length[buckets[-1][0]], MIN_BUCKET_LENGTH):
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+class Ranker:
+    """One model version and its feature build: top-k lists for users (sequences from the build and the event
+    log) and for item histories, one batch at a time, and events recorded through the log."""
+
+    def __init__(self, model_dir: str | Path, feature_repo: str | Path | None = None, model_version: str = "",
+                 events: EventLog | None = None, event_params: EventParams | None = None):
+        from m2rec.features.live import LiveSequences
+
+        self.recommender = Recommender(model_dir)
+        self.model_version = model_version or self.recommender.config["model_type"]
+        self.event_params = event_params or EventParams()
+        dataset_version = self.recommender.config.get("dataset_version")
+        self.features, self.features_problem = open_feature_client(feature_repo, dataset_version)
+        self.sequences = None
+        if self.features is None:
+            log.warning("user recommendations and events are off: %s", self.features_problem)
+        elif events is None:
+            self.features, self.features_problem = None, "no event log is configured (M2REC_EVENTS_URL)"
+            log.warning("user recommendations and events are off: %s", self.features_problem)
+        else:
+            self.sequences = LiveSequences(self.features, events)
+            log.info("reading user sequences from the feature build %s and the event log %s", feature_repo, events)
+        log.info("model %s loaded from %s: %d items, dataset %s", self.model_version, model_dir,
+                 self.recommender.num_items, dataset_version)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One lookup and one ranking before the first request, so it does not pay for first-call setup."""
+        started = time.perf_counter()
+        self.rank([RankQuery(item_ids=self.recommender.popular(1).item_ids, k=1, exclude_seen=True)]
+                  + ([RankQuery(user_id="", k=1, exclude_seen=True)] if self.features is not None else []))
+        log.info("warm-up ranking took %.0f ms", (time.perf_counter() - started) * 1000)
+
+    def _features_unavailable(self, field: str) -> Failure:
+        return Failure(status=UNAVAILABLE, field=field,
+                       message=f"user features are unavailable: {self.features_problem}. Fix: {FEATURE_REPO_FIX}")
+
+    def _user_histories(self, queries: list[RankQuery], failures: dict[int, Failure]) -> dict[int, list[int]]:
+        """Histories of the user queries: one online-store lookup for the whole batch."""
+        rows = [i for i, query in enumerate(queries) if query.user_id is not None]
+        if not rows:
+            return {}
+        if self.features is None:
+            failures.update({i: self._features_unavailable("user_id") for i in rows})
+            return {}
+        try:
+            sequences = self.sequences.histories([queries[i].user_id for i in rows])
+        except Exception as err:  # the online store went away: refuse these queries, keep serving the others
+            log.exception("online feature lookup failed")
+            failures.update({i: Failure(status=UNAVAILABLE, field="user_id",
+                                        message=f"the feature store lookup failed ({err}). Fix: check the online "
+                                                "store, then retry") for i in rows})
+            return {}
+        return {i: sequence or [] for i, sequence in zip(rows, sequences)}
+
+    def rank(self, queries: list[RankQuery]) -> list[RankResult]:
+        """One result per query, in order: a ranked list, or a failure naming the field at fault."""
+        failures: dict[int, Failure] = {}
+        histories = self._user_histories(queries, failures)
+        for i, query in enumerate(queries):
+            if query.item_ids is not None:
+                try:
+                    histories[i] = self.recommender.to_indices(query.item_ids, field="item_ids")
+                except DataError as err:
+                    failures[i] = Failure(status=BAD_REQUEST, field="item_ids", message=str(err))
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)  # one model call per (k, exclude_seen)
+        for i in histories:
+            groups[(queries[i].k, queries[i].exclude_seen)].append(i)
+        results: dict[int, RankResult] = {i: RankResult(failure=failure) for i, failure in failures.items()}
+        calls = [(key, bucket) for key, rows in groups.items()
+                 for bucket in length_buckets(rows, histories, self.recommender.model.max_length)]
+        for (k, exclude_seen), rows in calls:
+            try:
+                ranked = self.recommender.recommend([histories[i] for i in rows], k, exclude_seen)
+            except DataError as err:  # k out of range: the same for the whole group
+                results.update({i: RankResult(failure=Failure(status=BAD_REQUEST, field="k", message=str(err)))
+                                for i in rows})
+                continue
+            for i, recommendation in zip(rows, ranked):
+                results[i] = RankResult(response=self._response(queries[i], histories[i], recommendation))
+        return [results[i] for i in range(len(queries))]
+
+    def _response(self, query: RankQuery, history: list[int], recommendation: Recommendation) -> RecommendResponse:
+        items = [RecommendedItem(item_id=i, title=t, score=s)
+                 for i, t, s in zip(recommendation.item_ids, recommendation.titles, recommendation.scores)]
+        return RecommendResponse(user_id=query.user_id, strategy=recommendation.strategy, items=items,
+                                 gates=recommendation.gates, history_length=len(history),
+                                 model_version=self.model_version)
+
+    def _check_event(self, event: EventIn, now: datetime, field: str) -> tuple[Event | None, Failure | None]:
+        """The event to log, or why not: its item must be in the catalog, its time within the accepted window."""
+        try:
+            self.recommender.to_indices([event.item_id], field=f"{field}item_id")
+        except DataError as err:
+            return None, Failure(status=BAD_REQUEST, field=f"{field}item_id", message=str(err))
+        when = event.timestamp or now
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)  # a time without zone is UTC
+        earliest = now - timedelta(seconds=self.event_params.late_window_s)
+        latest = now + timedelta(seconds=self.event_params.future_skew_s)
+        if not earliest <= when <= latest:
+            return None, Failure(status=BAD_REQUEST, field=f"{field}timestamp", message=(
+                f"event time {when.isoformat()} is outside the accepted window {earliest.isoformat()} .. "
+                f"{latest.isoformat()}. Fix: send events within events.late_window_s "
+                f"({self.event_params.late_window_s:.0f} s) of now, never in the future; older history belongs in "
+                "the training source"))
+        return Event(event.user_id, event.item_id, when, event.event_id), None
+
+    def record_events(self, events: list[EventIn], batch: bool = False) -> EventsResult:
+        """Record `events` (all or none): durable in the event log and applied once before this returns."""
+        if self.sequences is None:
+            return EventsResult(failure=self._features_unavailable("user_id"))
+        now = datetime.now(timezone.utc)
+        checked = []
+        for position, event in enumerate(events):
+            logged, failure = self._check_event(event, now, f"events[{position}]." if batch else "")
+            if failure is not None:
+                return EventsResult(failure=failure)
+            checked.append(logged)
+        try:
+            appended, lengths = self.sequences.record(checked)
+        except EventConflict as err:
+            return EventsResult(failure=Failure(status=CONFLICT, field="event_id", message=str(err)))
+        for result in appended:
+            log.info("event %s: user %s item %s at %s (seq %d)%s", result.event.event_id, result.event.user_id,
+                     result.event.item_id, result.event.timestamp, result.event.seq,
+                     " again: a retry, nothing changed" if result.duplicate else "")
+        return EventsResult(response=EventsResponse(events=[EventResponse(
+            user_id=r.event.user_id, item_id=r.event.item_id, timestamp=r.event.timestamp, event_id=r.event.event_id,
+            seq=r.event.seq, duplicate=r.duplicate, sequence_length=lengths[r.event.user_id],
+            model_version=self.model_version) for r in appended]))

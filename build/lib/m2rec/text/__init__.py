@@ -1,0 +1,1 @@
+"""Item text embeddings from a pretrained language model (the semantic branch's input)."""

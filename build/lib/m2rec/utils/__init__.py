@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic file output, hashing, logging set-up."""

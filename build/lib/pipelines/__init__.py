@@ -1,0 +1,1 @@
+"""Kubeflow pipelines of M2Rec, assembled from the components in `components/`."""
