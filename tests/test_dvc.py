@@ -68,7 +68,7 @@ def test_dvc_repro_then_an_experiment_with_one_hyperparameter_changed(clone):
     metrics = json.loads((clone / OUT / "metrics.json").read_text())
     assert metrics["test"]["NDCG@10"] > 0 and metrics["model_type"] == "m2rec"
     assert json.loads((clone / OUT / "validation" / "results.json").read_text())["success"] is True
-    assert (clone / OUT / "feature_repo" / "data" / "online_store.db").is_file()
+    assert len(list((clone / OUT / "features").glob("*/data/online_store.db"))) == 1
     lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"prepare", "validate", "features", "train", "evaluate"}
     assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1

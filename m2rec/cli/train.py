@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -23,11 +24,22 @@ from m2rec.training.trainer import TrainParams
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output.")
 @click.option("--feature-repo", type=click.Path(exists=True),
               help="Read training sequences and item text embeddings through this Feast repo (offline store).")
-def train_command(data_dir, model_type, output, params_path, epochs, seed, device, resume, feature_repo) -> None:
+@click.option("--feature-root", type=click.Path(exists=True, file_okay=False),
+              help="Like --feature-repo, with the build of --data (and the `features`, `text` params) under ROOT.")
+def train_command(data_dir, model_type, output, params_path, epochs, seed, device, resume, feature_repo,
+                  feature_root) -> None:
     """Train a model; writes model.safetensors, config.json, items.parquet, history.json and metrics.json."""
     from m2rec.stages.train import train
 
     params = read_params(params_path)
+    if feature_root and not feature_repo:
+        from m2rec.features.repo import FeatureParams, build_key
+        from m2rec.features.store import build_dir
+
+        version = json.loads((Path(data_dir) / "stats.json").read_text())["dataset_version"]
+        key = build_key(version, section(params, "features", FeatureParams), section(params, "text",
+                                                                                     TextEncoderParams).model)
+        feature_repo = build_dir(feature_root, key)
     metrics = train(
         data_dir, output, model_type,
         section(params, "model", ModelParams),
