@@ -12,8 +12,8 @@ import pytest
 
 from m2rec.data.errors import DataError
 from m2rec.data.schema import RawDataset
-from m2rec.events.log import Event, EventConflict, EventLog
-from m2rec.events.retraining import merge_logged_events, public_url
+from m2rec.events.log import Event, EventConflict, EventLog, public_url
+from m2rec.events.retraining import merge_logged_events
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

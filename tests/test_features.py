@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from m2rec.data.errors import DataError
+from m2rec.errors import ConfigError
 from m2rec.data.prepared import PreparedDataset
 from m2rec.data.sources import SourceSpec
 from m2rec.events.log import Event, EventLog
@@ -86,9 +87,9 @@ def test_feast_apply_imports_only_the_definitions(tmp_path):
 
 
 def test_bad_feature_params_and_missing_build_are_clear_errors(tiny_synthetic, tmp_path):
-    with pytest.raises(DataError, match="features.online_store='mongo'"):
+    with pytest.raises(ConfigError, match="features.online_store='mongo'"):
         build_features(tiny_synthetic, tmp_path / "repo", FeatureParams(online_store="mongo"))
-    with pytest.raises(DataError, match="features.max_sequence_length=0"):
+    with pytest.raises(ConfigError, match="features.max_sequence_length=0"):
         build_features(tiny_synthetic, tmp_path / "repo", FeatureParams(max_sequence_length=0))
     with pytest.raises(DataError, match="run `m2rec features build"):
         FeatureClient(tmp_path / "nothing")

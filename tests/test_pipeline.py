@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from m2rec.cli import cli
 from m2rec.data.synthetic import SyntheticParams, generate_synthetic
 from m2rec.pipeline.lineage import dvc_hash
+from m2rec.errors import UsageError
 from m2rec.pipeline.remote import kfp_cron
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,15 +275,22 @@ def test_schedule_sends_a_recurring_run_with_a_kfp_cron(kfp_server, tmp_path):
 def test_kfp_cron_takes_five_or_six_fields():
     assert kfp_cron("30 2 * * 1") == "0 30 2 * * 1"
     assert kfp_cron("0 0 3 * * *") == "0 0 3 * * *"
-    with pytest.raises(ValueError, match="fields"):
+    with pytest.raises(UsageError, match="fields"):
         kfp_cron("daily")
 
 
 def test_an_installed_non_editable_m2rec_compiles_the_pipeline(tmp_path):
     """A wheel installed into a folder of its own (no checkout on the path) compiles the pipeline: the library
     reaches nothing outside its installed packages."""
+    source = tmp_path / "source"  # the files git would ship, built outside the checkout (no build/ left in it)
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert wheel.returncode == 0, wheel.stderr[-2000:]
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+from urllib.parse import urlsplit
 
 import pandas as pd
 
-from m2rec.data.errors import DataError
+from m2rec.errors import DataError, ExternalServiceError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,14 @@ BeforeCommit = Callable[[list[Appended], Tail], None]
 
 class EventConflict(DataError):
     """An `event_id` already names a different event."""
+
+
+def public_url(url: str) -> str:
+    """`url` without a password, for logs and lineage."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
 def _micros(when: datetime) -> int:
@@ -222,7 +231,23 @@ class EventLog:
 
 
 class _Backend:
+    """One database behind the log; a connection per thread and process (neither sqlite3 nor psycopg2 connections
+    may be shared across threads in a transaction, nor across a fork)."""
+
     serial = "INTEGER"
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _open(self):
+        raise NotImplementedError
+
+    def _connection(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is None or getattr(connection, "closed", False) or self._local.pid != os.getpid():
+            connection = self._open()
+            self._local.connection, self._local.pid = connection, os.getpid()
+        return connection
 
     def sql(self, text: str) -> str:
         return text
@@ -247,17 +272,14 @@ class _SQLite(_Backend):
     BUSY_TIMEOUT_S = 30.0
 
     def __init__(self, path: Path):
+        super().__init__()
         self.path = path.expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
 
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None or getattr(self._local, "pid", None) != os.getpid():
-            connection = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")  # a commit reaches the disk before append returns
-            self._local.connection, self._local.pid = connection, os.getpid()
+    def _open(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")  # a commit reaches the disk before append returns
         return connection
 
     @contextmanager
@@ -281,25 +303,21 @@ class _Postgres(_Backend):
     serial = "BIGSERIAL"
 
     def __init__(self, url: str):
+        super().__init__()
         self.url = url
-        self._local = threading.local()
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
 
-    def _connection(self):
+    def _open(self):
         import psycopg2
 
-        connection = getattr(self._local, "connection", None)
-        if connection is None or connection.closed or getattr(self._local, "pid", None) != os.getpid():
-            try:
-                connection = psycopg2.connect(self.url)
-            except psycopg2.OperationalError as err:
-                raise DataError(f"the event log at {self.url} cannot be reached ({str(err).strip()})",
-                                "check events.url and that PostgreSQL runs; the password comes from PGPASSWORD "
-                                "or ~/.pgpass") from None
-            self._local.connection, self._local.pid = connection, os.getpid()
-        return connection
+        try:
+            return psycopg2.connect(self.url)
+        except psycopg2.OperationalError as err:
+            raise ExternalServiceError(f"the event log at {public_url(self.url)} cannot be reached "
+                                       f"({str(err).strip()})", "check events.url and that PostgreSQL runs; the "
+                                       "password comes from PGPASSWORD or ~/.pgpass") from None
 
     @contextmanager
     def transaction(self, lock_users: Sequence[str] = (), quiesce: bool = False, schema: bool = False
@@ -316,6 +334,6 @@ class _Postgres(_Backend):
                         cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (user,))
                     yield cursor
         except BaseException:
-            if connection.closed:
+            if connection.closed:  # a broken connection: the next transaction opens a new one
                 self._local.connection = None
             raise

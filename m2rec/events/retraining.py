@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from urllib.parse import urlsplit
 
 import pandas as pd
 
 from m2rec.data.schema import RawDataset
-from m2rec.events.log import EventLog
+from m2rec.events.log import EventLog, public_url
 
 log = logging.getLogger(__name__)
-
-
-def public_url(url: str) -> str:
-    """`url` without a password, for logs and lineage."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
 def merge_logged_events(raw: RawDataset, events: EventLog) -> tuple[RawDataset, dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from m2rec.data.errors import DataError
+from m2rec.errors import ConfigError, ExternalServiceError
 
 log = logging.getLogger(__name__)
 logging.getLogger("feast.infra.registry.registry").setLevel(logging.WARNING)  # "cache expired" on every read
@@ -59,13 +59,13 @@ def repo_config(params: FeatureParams, key: str) -> dict:
     """Check `params`; return feature_store.yaml's content for build `key`: the committed template, the build's
     project (its Redis key prefix) and online store set."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", params.project):
-        raise DataError(f"features.project={params.project!r} is not a valid Feast project name",
+        raise ConfigError(f"features.project={params.project!r} is not a valid Feast project name",
                         "use letters, digits and underscores, starting with a letter or digit")
     if params.max_sequence_length < 1:
-        raise DataError(f"features.max_sequence_length={params.max_sequence_length} keeps no items",
+        raise ConfigError(f"features.max_sequence_length={params.max_sequence_length} keeps no items",
                         "set it to 1 or more")
     if params.online_store not in ONLINE_STORES:
-        raise DataError(f"features.online_store={params.online_store!r} is not supported",
+        raise ConfigError(f"features.online_store={params.online_store!r} is not supported",
                         f"use one of {', '.join(ONLINE_STORES)}")
     config = yaml.safe_load((template_dir() / "feature_store.yaml").read_text())
     config["project"] = f"{params.project}_{key}"
@@ -96,7 +96,7 @@ def feast_apply(repo_dir: Path) -> None:
         log.debug("feast apply: %s", line)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-        raise DataError(f"`feast apply` failed in {repo_dir}:\n{tail}\n",
+        raise ExternalServiceError(f"`feast apply` failed in {repo_dir}:\n{tail}\n",
                         "check the definitions and that the online store (e.g. Redis) is reachable")
 
 

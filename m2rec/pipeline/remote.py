@@ -8,7 +8,7 @@ import os
 import warnings
 from typing import Any
 
-from m2rec.data.errors import DataError
+from m2rec.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ def connect(host: str | None, namespace: str | None = None):
 
     host = host or os.environ.get("KF_PIPELINES_ENDPOINT")
     if not host:
-        raise DataError("no Kubeflow Pipelines endpoint given",
+        raise UsageError("no Kubeflow Pipelines endpoint given",
                         "pass --host URL, set pipeline.host in params.yaml, or set KF_PIPELINES_ENDPOINT")
     with warnings.catch_warnings():  # "only works with Kubeflow Pipeline v2.0.0-beta.2 and later", on every call
         warnings.filterwarnings("ignore", category=FutureWarning, message="This client only works")
@@ -33,7 +33,7 @@ def kfp_cron(expression: str) -> str:
         return " ".join(["0", *fields])
     if len(fields) == 6:
         return " ".join(fields)
-    raise DataError(f"--cron {expression!r} has {len(fields)} fields",
+    raise UsageError(f"--cron {expression!r} has {len(fields)} fields",
                     "give 5 fields (minute hour day month weekday, e.g. '0 3 * * *') or 6 with seconds first")
 
 

@@ -9,8 +9,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from m2rec.events.log import EventParams
-from m2rec.events.retraining import public_url
+from m2rec.events.log import EventParams, public_url
 from m2rec.registry.config import resolve_tracking_uri
 
 log = logging.getLogger(__name__)

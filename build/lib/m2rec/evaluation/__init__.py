@@ -1,1 +1,0 @@
-"""Full-ranking leave-one-out evaluation: HR, NDCG and MRR at K over all items."""

@@ -1,1 +1,0 @@
-"""Model components of M2Rec (selective scan, Mamba block, ...)."""

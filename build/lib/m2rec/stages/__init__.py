@@ -1,1 +1,0 @@
-"""The pipeline's stages as plain functions; the CLI, DVC and Kubeflow components all call these."""

@@ -1,1 +1,0 @@
-"""Item text embeddings from a pretrained language model (the semantic branch's input)."""

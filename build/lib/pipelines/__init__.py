@@ -1,1 +1,0 @@
-"""Kubeflow pipelines of M2Rec, assembled from the components in `components/`."""
