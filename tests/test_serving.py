@@ -130,6 +130,14 @@ def test_without_feature_repo_users_get_503_and_histories_still_work(model_dir):
     assert ranker.record_events([EventIn(user_id="u1", item_id="i00001")]).failure.status == 503
 
 
+def test_without_an_event_log_users_are_ranked_from_the_build_and_events_get_503(model_dir, feature_repo, users):
+    ranker = Ranker(model_dir, feature_repo)
+    result = ranker.rank([RankQuery(user_id=users[0], k=3, exclude_seen=True)])[0]
+    assert result.response.strategy == "model"
+    refused = ranker.record_events([EventIn(user_id=users[0], item_id="i00001")]).failure
+    assert refused.status == 503 and "M2REC_EVENTS_URL" in refused.message
+
+
 def test_feature_repo_of_another_dataset_is_not_used(model_dir, feature_repo, events_url, tmp_path):
     other = shutil.copytree(feature_repo, tmp_path / "other")
     build = json.loads((other / "data" / "build.json").read_text())

@@ -39,4 +39,5 @@ def build_command(data_dir, feature_root, params_path, text_model, online_store,
                 redis_connection_string=redis_connection_string, max_sequence_length=max_sequence_length),
         section(params, "text", TextEncoderParams, model=text_model),
     )
-    click.echo(json.dumps({k: summary[k] for k in ("build_key", "repo_dir", "embedding_dim", "counts", "timings")}, indent=2))
+    shown = ("build_key", "repo_dir", "embedding_dim", "counts", "timings")
+    click.echo(json.dumps({k: summary[k] for k in shown}, indent=2))

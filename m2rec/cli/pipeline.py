@@ -114,6 +114,7 @@ def run_locally(data, fmt, items, columns, item_columns, encoding, workdir, mode
                 gate_threshold, gate_min_improvement, tracking_uri, feature_root, events_url, bentoml_home, as_json,
                 params_path, overrides) -> dict:
     """Run the pipeline with kfp.local, print the summary (also written to WORKDIR/summary.json), return it."""
+    from components.stages import STAGES
     from pipelines.training import build_pipeline
 
     from m2rec.pipeline.local import PipelineFailed, run_local, source_spec
@@ -124,10 +125,11 @@ def run_locally(data, fmt, items, columns, item_columns, encoding, workdir, mode
     settings = pipeline_settings(params)
     source = source_spec(data, fmt, items, columns, item_columns, encoding)
     try:
-        summary = run_local(build_pipeline, workdir, params, source, settings, model_type=model_type, epochs=epochs,
-                            gate_metric=gate_metric, gate_threshold=gate_threshold,
-                            gate_min_improvement=gate_min_improvement, tracking_uri=tracking_uri,
-                            feature_root=feature_root, events_url=events_url, bentoml_home=bentoml_home)
+        summary = run_local(build_pipeline, [stage.__name__ for stage in STAGES], workdir, params, source, settings,
+                            model_type=model_type, epochs=epochs, gate_metric=gate_metric,
+                            gate_threshold=gate_threshold, gate_min_improvement=gate_min_improvement,
+                            tracking_uri=tracking_uri, feature_root=feature_root, events_url=events_url,
+                            bentoml_home=bentoml_home)
     except PipelineFailed as failed:
         if failed.task == "validate":  # bad data: exit status 2 like every other data error
             raise DataError(str(failed), "correct the data (see the report) and run again") from None

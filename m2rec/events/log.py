@@ -290,10 +290,11 @@ class _SQLite(_Backend):
         cursor.execute("BEGIN IMMEDIATE" if lock_users or quiesce or schema else "BEGIN")
         try:
             yield cursor
+            cursor.execute("COMMIT")
         except BaseException:
-            cursor.execute("ROLLBACK")
+            if connection.in_transaction:  # the work or the commit failed: nothing of it is kept
+                cursor.execute("ROLLBACK")
             raise
-        cursor.execute("COMMIT")
 
 
 class _Postgres(_Backend):

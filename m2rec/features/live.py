@@ -22,8 +22,8 @@ PUBLISH_BATCH = 500  # users per online-store write when a whole build catches u
 class LiveSequences:
     """Sequences of one feature build kept current by one event log."""
 
-    def __init__(self, client: FeatureClient, events: EventLog):
-        self.client, self.events = client, events
+    def __init__(self, client: FeatureClient, events: EventLog | None):
+        self.client, self.events = client, events  # without an event log: the build's snapshots, read only
         self.after_seq = client.events_through_seq  # the build saw every event up to here
 
     def _merge(self, snapshots: list[list[int] | None], users: Sequence[str],
@@ -39,7 +39,8 @@ class LiveSequences:
     def histories(self, user_ids: Sequence[str], tail: Tail | None = None) -> list[list[int]]:
         """Each user's item_idx sequence, oldest first (empty for a user with no history)."""
         users = list(user_ids)
-        tails = (tail or self.events.tail)(users, self.after_seq)
+        read_tail = tail or (self.events.tail if self.events is not None else None)
+        tails = read_tail(users, self.after_seq) if read_tail is not None else {}
         return self._merge(self.client.snapshot_sequences(users), users, tails)
 
     def record(self, events: Sequence[Event]) -> tuple[list[Appended], dict[str, int]]:
@@ -64,6 +65,8 @@ class LiveSequences:
     def catch_up(self) -> int:
         """Refresh the online sequence of every user with events after the build's cutoff (a build about to serve
         did not see them); return how many users."""
+        if self.events is None:
+            return 0
         users = self.events.users_after(self.after_seq)
         for start in range(0, len(users), PUBLISH_BATCH):
             batch = users[start:start + PUBLISH_BATCH]

@@ -8,12 +8,11 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from m2rec.data.errors import DataError
 from m2rec.data.sources import SourceSpec
@@ -74,28 +73,30 @@ def _inside(workdir: Path) -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = previous_tqdm
 
 
-def _failed_task(message: str) -> str:
-    """The innermost failed task named in kfp.local's error message (which is coloured)."""
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    names = re.findall(r"'([^']+)'", plain.split("Inner task failed:")[-1])
-    return names[0] if names else "unknown"
+TASK_OUTPUT = "executor_output.json"  # what kfp.local's executor writes into a task's folder when the task succeeds
 
 
-def _task_report(pipeline_root: Path, task: str, started: float) -> Path | None:
-    """The report file the failed task wrote in this run, if any."""
+def _this_run(pipeline_root: Path, started: float) -> Path | None:
+    """The folder kfp.local made for the run that started at `started` (the newest one since)."""
     runs = [p for p in pipeline_root.glob("*") if p.is_dir() and p.stat().st_mtime >= started - 1]
-    for run in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True):
-        report = run / task / "report"
-        if report.is_file():
-            return report
-    return None
+    return max(runs, key=lambda p: p.stat().st_ctime, default=None)
 
 
-def run_local(build_pipeline: Callable[[PipelineParams, dict], Callable], workdir: str | Path, params: dict,
-              source: SourceSpec, settings: PipelineParams | None = None, **arguments: Any) -> dict:
-    """Run the pipeline that `build_pipeline(settings, params)` defines (pipelines.training.build_pipeline) here
-    with kfp.local and return its summary (components.stages.summarize), with the run's wall time and where its
-    outputs are. Raises `PipelineFailed` when a task fails."""
+def _failed_task(run_dir: Path | None, task_order: Sequence[str]) -> str:
+    """The first task, in pipeline order, that left no executor output in `run_dir`: the tasks before it
+    succeeded, and it stopped the run."""
+    for task in task_order:
+        if run_dir is None or not (run_dir / task / TASK_OUTPUT).is_file():
+            return task
+    return "unknown"
+
+
+def run_local(build_pipeline: Callable[[PipelineParams, dict], Callable], task_order: Sequence[str],
+              workdir: str | Path, params: dict, source: SourceSpec, settings: PipelineParams | None = None,
+              **arguments: Any) -> dict:
+    """Run the pipeline that `build_pipeline(settings, params)` defines (pipelines.training.build_pipeline; its
+    tasks in `task_order`) here with kfp.local and return its summary (components.stages.summarize), with the
+    run's wall time and where its outputs are. Raises `PipelineFailed` naming the task that failed."""
     from kfp import local
 
     workdir = Path(workdir).expanduser().resolve()
@@ -108,17 +109,16 @@ def run_local(build_pipeline: Callable[[PipelineParams, dict], Callable], workdi
                        packages=[], train_retries=0)
     pipeline = build_pipeline(settings, params)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=True)
+               raise_on_error=False)  # a failed run returns no outputs; its folder says which task failed
     log.info("running the pipeline locally: %s", json.dumps(run_arguments))
     started = time.time()
     with _inside(workdir):
-        try:
-            task = pipeline(**run_arguments)
-        except RuntimeError as err:
-            if "finished with status" not in str(err):
-                raise
-            failed = _failed_task(str(err))
-            raise PipelineFailed(failed, pipeline_root, _task_report(pipeline_root, failed, started)) from None
+        task = pipeline(**run_arguments)
+    if not task.outputs:
+        run_dir = _this_run(pipeline_root, started)
+        failed = _failed_task(run_dir, task_order)
+        report = run_dir / failed / "report" if run_dir else None
+        raise PipelineFailed(failed, pipeline_root, report if report and report.is_file() else None)
     summary = json.loads(task.output)
     summary.update(seconds=round(time.time() - started, 1), workdir=str(workdir), pipeline_root=str(pipeline_root),
                    arguments=run_arguments, settings=asdict(settings))

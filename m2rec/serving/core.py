@@ -66,14 +66,13 @@ class Ranker:
         self.event_params = event_params or EventParams()
         dataset_version = self.recommender.config.get("dataset_version")
         self.features, self.features_problem = open_feature_client(feature_repo, dataset_version)
-        self.sequences = None
+        self.sequences = None if self.features is None else LiveSequences(self.features, events)
         if self.features is None:
             log.warning("user recommendations and events are off: %s", self.features_problem)
         elif events is None:
-            self.features, self.features_problem = None, "no event log is configured (M2REC_EVENTS_URL)"
-            log.warning("user recommendations and events are off: %s", self.features_problem)
+            log.warning("no event log is configured (M2REC_EVENTS_URL): users are ranked from the feature build "
+                        "%s alone, and /events answers 503", feature_repo)
         else:
-            self.sequences = LiveSequences(self.features, events)
             log.info("reading user sequences from the feature build %s and the event log %s", feature_repo, events)
         log.info("model %s loaded from %s: %d items, dataset %s", self.model_version, model_dir,
                  self.recommender.num_items, dataset_version)
@@ -164,6 +163,10 @@ class Ranker:
         """Record `events` (all or none): durable in the event log and applied once before this returns."""
         if self.sequences is None:
             return EventsResult(failure=self._features_unavailable("user_id"))
+        if self.sequences.events is None:
+            return EventsResult(failure=Failure(status=UNAVAILABLE, field="user_id", message=(
+                "events are off: no event log is configured. Fix: set M2REC_EVENTS_URL (or `m2rec package "
+                "--events-url`) to the event log retraining reads")))
         now = datetime.now(timezone.utc)
         checked = []
         for position, event in enumerate(events):
