@@ -27,6 +27,7 @@ def prepare(source_format: str, source_input: str, source_items: str, source_col
     from m2rec.data.synthetic import SyntheticParams
     from m2rec.params import section
     from m2rec.pipeline.lineage import write_lineage
+    from m2rec.spark.session import SparkParams
     from m2rec.stages.prepare import prepare as prepare_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -34,7 +35,8 @@ def prepare(source_format: str, source_input: str, source_items: str, source_col
     source = SourceSpec(source_format, source_input or None, source_items or None, source_columns or None,
                         source_item_columns or None, source_encoding or None)
     stats = prepare_stage(source, dataset.path, section(params, "prepare", PrepareParams),
-                          section(params, "synthetic", SyntheticParams), events_url or None)
+                          section(params, "synthetic", SyntheticParams), events_url or None,
+                          section(params, "spark", SparkParams))
     lineage = write_lineage(source, dataset.path, stats)
     dataset.metadata.update({"dataset_version": stats["dataset_version"], "dvc_md5": lineage["dvc_md5"] or "",
                              "events_merged": stats["events"]["merged"],

@@ -40,6 +40,7 @@ SECTIONS: dict[str, str] = {
     "pipeline": "m2rec.pipeline.settings:PipelineParams",
     "events": "m2rec.events.log:EventParams",
     "serving": "m2rec.serving.follower:ServingParams",
+    "spark": "m2rec.spark.session:SparkParams",
 }
 
 LOOK_UP = "`m2rec params schema` lists every key with its type and range, `m2rec params show` the values in use"

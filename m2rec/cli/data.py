@@ -33,19 +33,27 @@ def data() -> None:
 @click.option("--users", "n_users", type=int, help="`synthetic`: number of users.")
 @click.option("--n-items", type=int, help="`synthetic`: number of items.")
 @click.option("--seed", type=int, help="`synthetic`: random seed.")
-@click.option("--params", "params_path", type=click.Path(), help="params.yaml (sections `prepare`, `synthetic`).")
+@click.option("--engine", type=click.Choice(["pandas", "spark"]),
+              help="Where the work runs: this process, or Spark (`table` sources) [default: spark.enabled].")
+@click.option("--spark-master", help="Spark master URL, e.g. local[*] or spark://HOST:7077 [default: spark.master].")
+@click.option("--params", "params_path", type=click.Path(),
+              help="params.yaml (sections `prepare`, `synthetic`, `spark`).")
 def prepare_command(fmt, input_path, output, items, columns, item_columns, encoding, k_core_users, k_core_items,
-                    drop_duplicates, n_users, n_items, seed, params_path) -> None:
+                    drop_duplicates, n_users, n_items, seed, engine, spark_master, params_path) -> None:
     """Read a dataset, k-core filter it, split it leave-one-out by time, and write parquet tables."""
+    from m2rec.spark.session import SparkParams
     from m2rec.stages.prepare import prepare
 
     params = read_params(params_path)
+    spark = section(params, "spark", SparkParams, master=spark_master,
+                    enabled=None if engine is None else engine == "spark")
     stats = prepare(
         SourceSpec(fmt, input_path, items, columns, item_columns, encoding),
         output,
         section(params, "prepare", PrepareParams, k_core_users=k_core_users, k_core_items=k_core_items,
                 drop_duplicates=drop_duplicates),
         section(params, "synthetic", SyntheticParams, n_users=n_users, n_items=n_items, seed=seed),
+        spark=spark,
     )
     click.echo(json.dumps({k: stats[k] for k in ("source", "before_filter", "after_filter", "split")}, indent=2))
 

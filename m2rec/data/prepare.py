@@ -6,6 +6,7 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 from typing import Annotated
 
 import numpy as np
@@ -13,7 +14,7 @@ import pandas as pd
 from annotated_types import Ge
 
 from m2rec.errors import ConfigError, DataError
-from m2rec.data.schema import RawDataset
+from m2rec.data.schema import SPLITS, RawDataset
 from m2rec.utils.atomic import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,34 @@ def _check_duplicates(interactions: pd.DataFrame, drop: bool) -> pd.DataFrame:
     )
 
 
-def fingerprint(frame: pd.DataFrame) -> str:
-    """A content hash of a table (stable across parquet versions), used as the dataset version."""
-    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    return hashlib.sha256(hashed.tobytes()).hexdigest()[:16]
+def fingerprint(chunks: Iterable[pd.DataFrame]) -> str:
+    """A content hash of a table given in consecutive chunks of rows (stable across parquet versions and however
+    the rows are chunked), used as the dataset version."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(pd.util.hash_pandas_object(chunk, index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def catalog_table(raw_items: pd.DataFrame, item_order: np.ndarray) -> tuple[pd.DataFrame, int]:
+    """items.parquet: the source's items in `item_order` with item_idx 1..N, and how many have no text."""
+    catalog = raw_items.drop_duplicates("item_id").set_index("item_id")
+    items = catalog.reindex(item_order).reset_index().rename(columns={"index": "item_id"})
+    missing_text = items["text"].isna() | (items["text"].astype(str).str.strip() == "")
+    items["text"] = items["text"].fillna("").astype(str)
+    items.insert(1, "item_idx", np.arange(1, len(item_order) + 1))
+    return items, int(missing_text.sum())
+
+
+def tables_stats(source: str, timestamps_synthetic: bool, params: PrepareParams, before: dict, after: dict,
+                 rounds: int, split: dict, items_without_text: int, dataset_version: str) -> dict:
+    """stats.json of a prepared dataset, whichever engine made it."""
+    return {
+        "source": source, "timestamps_synthetic": timestamps_synthetic, "params": asdict(params),
+        "before_filter": before, "after_filter": after, "k_core_rounds": rounds,
+        "split": {str(k): int(v) for k, v in sorted(split.items(), key=lambda kv: SPLITS.index(str(kv[0])))},
+        "items_without_text": items_without_text, "dataset_version": dataset_version,
+    }
 
 
 def build_tables(raw: RawDataset, params: PrepareParams) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -112,23 +137,11 @@ def build_tables(raw: RawDataset, params: PrepareParams) -> tuple[pd.DataFrame, 
                                     categories=["train", "valid", "test"])
     table = table[["user_id", "item_id", "timestamp", "user_idx", "item_idx", "split"]]
 
-    catalog = raw.items.drop_duplicates("item_id").set_index("item_id")
-    items = catalog.reindex(item_order).reset_index().rename(columns={"index": "item_id"})
-    missing_text = items["text"].isna() | (items["text"].astype(str).str.strip() == "")
-    items["text"] = items["text"].fillna("").astype(str)
-    items.insert(1, "item_idx", item_index.to_numpy())
+    items, missing_text = catalog_table(raw.items, item_order)
 
-    stats = {
-        "source": raw.source,
-        "timestamps_synthetic": raw.timestamps_synthetic,
-        "params": asdict(params),
-        "before_filter": before,
-        "after_filter": _counts(table),
-        "k_core_rounds": rounds,
-        "split": {k: int(v) for k, v in table["split"].value_counts().sort_index().items()},
-        "items_without_text": int(missing_text.sum()),
-        "dataset_version": fingerprint(table[["user_id", "item_id", "timestamp"]]),
-    }
+    stats = tables_stats(raw.source, raw.timestamps_synthetic, params, before, _counts(table), rounds,
+                         table["split"].value_counts().sort_index().to_dict(), missing_text,
+                         fingerprint([table[["user_id", "item_id", "timestamp"]]]))
     return table, items, stats
 
 

@@ -284,19 +284,26 @@ def read_table(
         timestamps = parsed.reset_index(drop=True)
     interactions = _interactions(frame[mapping["user_id"]].astype(str), frame[mapping["item_id"]].astype(str),
                                  timestamps)
-    if items_path is None:
-        items = pd.DataFrame({"item_id": interactions["item_id"].unique(), "text": ""})
-    else:
-        item_map = {"item_id": "item_id", "text": "text"} | parse_mapping(item_columns, "--item-columns")
-        item_frame = _read_any_table(items_path, encoding)
-        text_sources = item_map["text"].split("+")
-        for source in [item_map["item_id"], *text_sources]:
-            if source not in item_frame.columns:
-                raise DataError(f"column {source!r} not found; columns are {list(item_frame.columns)}",
-                                "pass --item-columns item_id=<column>,text=<column>[+<column>...]",
-                                path=str(items_path))
-        items = item_frame.rename(columns={item_map["item_id"]: "item_id"})
-        items["item_id"] = items["item_id"].astype(str)
-        items["text"] = [". ".join(str(v) for v in values if str(v).strip())
-                         for values in item_frame[text_sources].itertuples(index=False)]
+    items = read_table_items(items_path, item_columns, encoding, interactions["item_id"].unique())
     return RawDataset(interactions, items, source=f"table:{path.name}")
+
+
+def read_table_items(items_path: Path | None, item_columns: str | None, encoding: str | None,
+                     item_ids: np.ndarray) -> pd.DataFrame:
+    """The item table of a `table` source (`--item-columns item_id=...,text=COL[+COL...]`), or, without one, the
+    interacted `item_ids` with empty texts."""
+    if items_path is None:
+        return pd.DataFrame({"item_id": item_ids, "text": ""})
+    item_map = {"item_id": "item_id", "text": "text"} | parse_mapping(item_columns, "--item-columns")
+    item_frame = _read_any_table(items_path, encoding or "utf-8")
+    text_sources = item_map["text"].split("+")
+    for source in [item_map["item_id"], *text_sources]:
+        if source not in item_frame.columns:
+            raise DataError(f"column {source!r} not found; columns are {list(item_frame.columns)}",
+                            "pass --item-columns item_id=<column>,text=<column>[+<column>...]",
+                            path=str(items_path))
+    items = item_frame.rename(columns={item_map["item_id"]: "item_id"})
+    items["item_id"] = items["item_id"].astype(str)
+    items["text"] = [". ".join(str(v) for v in values if str(v).strip())
+                     for values in item_frame[text_sources].itertuples(index=False)]
+    return items

@@ -1,0 +1,45 @@
+"""The Spark session the data stages run in (params.yaml section `spark`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from m2rec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+JAVA_17 = Path("/usr/lib/jvm/java-17-openjdk-amd64")  # Debian's; Spark 4 runs on Java 17 or 21
+
+
+@dataclass
+class SparkParams:
+    """Whether and where the data stages run on Spark (params.yaml section `spark`)."""
+
+    enabled: bool = False  # prepare with Spark (or `m2rec data prepare --engine spark`)
+    master: str = "local[*]"  # a cluster: spark://HOST:7077, yarn, k8s://...
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8  # small data, few cores; raise it on a cluster
+    java_home: str | None = None  # None: $JAVA_HOME, else Debian's Java 17 when present
+
+
+def spark_session(params: SparkParams | None = None):
+    """A SparkSession for `params`, in UTC (timestamps are instants), with Spark's UI off."""
+    params = params or SparkParams()
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ConfigError("the Spark engine needs pyspark", "pip install 'm2rec[spark]' (and a Java 17 runtime)") \
+            from None
+    java_home = params.java_home or os.environ.get("JAVA_HOME") or (str(JAVA_17) if JAVA_17.is_dir() else None)
+    if java_home:
+        os.environ["JAVA_HOME"] = java_home
+    log.info("starting Spark (%s, Java at %s)", params.master, java_home or "the PATH")
+    return (SparkSession.builder.master(params.master).appName("m2rec")
+            .config("spark.driver.memory", params.driver_memory)
+            .config("spark.sql.shuffle.partitions", str(params.shuffle_partitions))
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+            .config("spark.ui.enabled", "false")
+            .getOrCreate())
