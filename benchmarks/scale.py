@@ -1,0 +1,143 @@
+"""How the data stages grow with the number of interactions: MovieLens-20M-shaped synthetic data at several sizes,
+each stage in its own process, seconds and peak RSS per stage and size, and the fitted growth exponent.
+
+    python benchmarks/scale.py --sizes 1000000 5000000 20000000 [--engines pandas spark] [--train-epoch]
+
+The data: about 138k users and 27k items at 20M interactions (both scaled with the size), heavy-tailed history
+lengths (a log-normal clipped to 20 .. 5,000), power-law item popularity, item titles. Stages: prepare (`table`
+source, CSV), validate, features build, one training epoch (`--train-epoch`; long on a CPU) and 10,000 online
+lookups. Writes benchmarks/results/scale.json: per engine, size and stage {seconds, peak_rss_mb}, plus the exponent
+b of seconds ~ size^b per stage. Resumable: a finished (engine, size, stage) is kept in the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
+M2REC = Path(sys.executable).parent / "m2rec"
+USERS_AT_20M, ITEMS_AT_20M = 138_000, 27_000
+
+
+def generate(size: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """`size` interactions (CSV, user,item,ts) and an item table (CSV, item_id,title), ML-20M-shaped."""
+    rng = np.random.default_rng(seed)
+    users = max(50, round(USERS_AT_20M * size / 20_000_000))
+    items = max(50, round(ITEMS_AT_20M * (size / 20_000_000) ** 0.5))
+    lengths = np.clip(rng.lognormal(mean=np.log(size / users) - 0.5, sigma=1.0, size=users), 20, 5000).astype(int)
+    lengths = np.maximum(20, (lengths * size / lengths.sum()).astype(int))
+    user_of = np.repeat(np.arange(1, users + 1), lengths)  # (E,)
+    popularity = 1.0 / np.arange(1, items + 1) ** 0.8
+    item_of = rng.choice(np.arange(1, items + 1), size=len(user_of), p=popularity / popularity.sum())
+    starts = rng.integers(1_000_000_000, 1_400_000_000, size=users)
+    offsets = np.concatenate([np.arange(n) for n in lengths]) * 3600
+    times = np.repeat(starts, lengths) + offsets
+    folder.mkdir(parents=True, exist_ok=True)
+    interactions = folder / "ratings.csv"
+    pd.DataFrame({"user": user_of, "item": item_of, "ts": times}).drop_duplicates().to_csv(interactions, index=False)
+    titles = [f"Item {i}: a {['drama', 'comedy', 'thriller', 'documentary'][i % 4]} from {1950 + i % 70}"
+              for i in range(1, items + 1)]
+    catalog = folder / "items.csv"
+    pd.DataFrame({"item_id": np.arange(1, items + 1), "title": titles}).to_csv(catalog, index=False)
+    return interactions, catalog
+
+
+MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.run(sys.argv[1:]).returncode
+print()
+print(f"@@ {code} {time.perf_counter() - started:.2f} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+"""
+
+
+def run_stage(command: list[str], log_path: Path) -> dict:
+    """Run one stage under a fresh measuring process: its seconds and the peak RSS of its own process tree."""
+    with open(log_path, "w") as log:
+        subprocess.run([sys.executable, "-c", MEASURE, *command], stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code, seconds, peak_kib = log_path.read_text().rsplit("@@ ", 1)[1].split()
+    return {"seconds": float(seconds), "peak_rss_mb": round(int(peak_kib) / 1024, 1), "ok": code == "0",
+            "log": str(log_path)}
+
+
+LOOKUPS = """
+import json, sys, time
+from m2rec.features.store import FeatureClient
+summary = json.load(open(sys.argv[1]))
+client = FeatureClient(summary["repo_dir"])
+users = [str(u) for u in range(1, 10001)]
+for start in range(0, len(users), 100):
+    client.snapshot_sequences(users[start:start + 100])
+"""
+
+
+def stages(size: int, engine: str, work: Path, train_epoch: bool) -> list[tuple[str, list[str]]]:
+    interactions, catalog = work / "raw" / "ratings.csv", work / "raw" / "items.csv"
+    data, features = work / f"data-{engine}", work / f"features-{engine}"
+    source = ["--format", "table", "--input", str(interactions), "--items", str(catalog),
+              "--columns", "user_id=user,item_id=item,timestamp=ts", "--item-columns", "item_id=item_id,text=title"]
+    steps = [
+        ("prepare", [str(M2REC), "data", "prepare", *source, "--output", str(data), "--engine", engine]),
+        ("validate", [str(M2REC), "data", "validate", "--input", str(data)]),
+        ("features", [str(M2REC), "features", "build", "--data", str(data), "--root", str(features)]),
+        ("lookups", [sys.executable, "-c", LOOKUPS, str(work / f"build-{engine}.json")]),
+    ]
+    if train_epoch:
+        steps.append(("train_epoch", [str(M2REC), "train", "--data", str(data), "--output", str(work / "model"),
+                                      "--epochs", "1"]))
+    return steps
+
+
+def exponent(sizes: list[int], seconds: list[float]) -> float | None:
+    """b in seconds ~ size^b (least squares on logs); None with fewer than two sizes."""
+    if len(sizes) < 2:
+        return None
+    return round(float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0]), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000])
+    parser.add_argument("--engines", nargs="+", default=["pandas"], choices=["pandas", "spark"])
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "scale")
+    parser.add_argument("--train-epoch", action="store_true", help="Also time one training epoch (long on a CPU).")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for engine in args.engines:
+        for size in args.sizes:
+            work = args.workdir / str(size)
+            if not (work / "raw" / "ratings.csv").is_file():
+                generate(size, work / "raw")
+            done = results.setdefault(engine, {}).setdefault(str(size), {})
+            for name, command in stages(size, engine, work, args.train_epoch):
+                if done.get(name, {}).get("ok"):
+                    continue
+                done[name] = run_stage(command, work / f"{engine}-{name}.log")
+                if name == "features" and done[name]["ok"]:
+                    build = next((work / f"features-{engine}").glob("*/data/build.json"))
+                    (work / f"build-{engine}.json").write_text(build.read_text())
+                print(engine, size, name, done[name], flush=True)
+                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        by_size = {size: measured for size, measured in results[engine].items() if not size.startswith("_")}
+        for name in {stage for measured in by_size.values() for stage in measured}:
+            measured = [(int(size), s[name]["seconds"]) for size, s in by_size.items() if name in s and s[name]["ok"]]
+            results[engine].setdefault("_exponents", {})[name] = exponent(*map(list, zip(*measured))) \
+                if measured else None
+    results["_meta"] = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                        "load_average": os.getloadavg()[0]}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
