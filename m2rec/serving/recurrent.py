@@ -52,10 +52,17 @@ class UserStates:
                 rebuilt[user] = StoredState(seq, self.model.state_from_history(torch.as_tensor(history)))
         return rebuilt
 
-    @torch.no_grad()
     def advance(self, appended: list[Appended], tail: Tail) -> None:
         """In the events' transaction: step each user's state over the user's new events when they come last in
-        time order and the state reflects everything before them; rebuild it otherwise. Duplicates are skipped."""
+        time order and the state reflects everything before them; rebuild it otherwise. Duplicates are skipped.
+        A state store that fails does not refuse the events: the states it missed are rebuilt when next read."""
+        try:
+            self._advance(appended, tail)
+        except Exception:  # noqa: BLE001 - a derived, verified cache never costs an event
+            log.exception("recurrent states of %s not advanced; they are rebuilt when next read", self.scope)
+
+    @torch.no_grad()
+    def _advance(self, appended: list[Appended], tail: Tail) -> None:
         new: dict[str, set[int]] = defaultdict(set)
         for result in appended:
             if not result.duplicate:
