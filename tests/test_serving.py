@@ -247,6 +247,24 @@ def test_a_version_never_serves_another_versions_state(model_dir, feature_repo, 
     assert [i.item_id for i in served.items] == [i.item_id for i in reencoding.rank(query)[0].response.items]
 
 
+@torch.no_grad()
+def test_two_workers_recording_one_users_events_at_once_keep_its_state_exact(model_dir, feature_repo, events_url):
+    workers = [Ranker(model_dir, feature_repo, "m2rec v1", EventLog(events_url)) for _ in range(2)]
+    user, item_ids = "recurrent-concurrent", Recommender(model_dir).item_ids
+
+    def send(worker: Ranker, offset: int) -> list:
+        return [worker.record_events([event(user, item_ids[offset + 2 * i], minutes_ago=50 - 2 * i - offset)])
+                .failure for i in range(8)]
+
+    with ThreadPoolExecutor(2) as pool:
+        failures = [f for done in pool.map(send, workers, (1, 2)) for f in done]
+    assert failures == [None] * 16
+    state = stored_state(workers[0], user)
+    assert int(state.state["length"][0]) == 16 and state.seq == max(
+        e.seq for e in workers[0].sequences.events.tail([user], 0)[user])
+    assert torch.allclose(state.state["hidden"], reencoded_hidden(workers[0], user), atol=1e-4)
+
+
 def test_adaptive_batcher_batches_what_waits_and_keeps_order():
     started, release, batches = threading.Event(), threading.Event(), []
 

@@ -122,9 +122,13 @@ class Ranker:
 
     def _open_states(self, precision: StatePrecision):
         """Recurrent states of this version in the store beside the feature build."""
+        from m2rec.errors import ConfigError
         from m2rec.serving.recurrent import UserStates
         from m2rec.serving.state_store import open_state_store
 
+        if precision not in ("float32", "float16"):
+            raise ConfigError(f"serving.state_precision={precision!r} is not a state precision",
+                              "set serving.state_precision (or M2REC_STATE_PRECISION) to float32 or float16")
         store = open_state_store(self.features.repo_dir, self.features.store.config.online_store)
         scope = f"{self.model_version}@{self.features.repo_dir.name}"  # never another version's or build's states
         log.info("serving users from recurrent states (%s) in %s", precision, type(store).__name__)
