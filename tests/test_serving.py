@@ -265,6 +265,17 @@ def test_two_workers_recording_one_users_events_at_once_keep_its_state_exact(mod
     assert torch.allclose(state.state["hidden"], reencoded_hidden(workers[0], user), atol=1e-4)
 
 
+def test_the_recurrent_path_is_configured_by_params_and_environment(tmp_path):
+    def sources(metadata: dict, environ: dict) -> ServiceSources:
+        return ServiceSources.resolve(metadata, environ, tmp_path)
+
+    assert sources({}, {}).recurrent and sources({}, {}).state_precision == "float32"
+    assert not sources({"serving": {"recurrent": False}}, {}).recurrent
+    assert not sources({}, {"M2REC_RECURRENT": "0"}).recurrent
+    assert sources({"serving": {"recurrent": False}}, {"M2REC_RECURRENT": "1"}).recurrent
+    assert sources({}, {"M2REC_STATE_PRECISION": "float16"}).state_precision == "float16"
+
+
 def test_adaptive_batcher_batches_what_waits_and_keeps_order():
     started, release, batches = threading.Event(), threading.Event(), []
 

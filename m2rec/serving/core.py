@@ -208,7 +208,8 @@ class Ranker:
         return self.recommender.recommend(histories, k, exclude_seen), [len(h) for h in histories]
 
     @torch.no_grad()
-    def _rank_states(self, states: list[StoredState], k: int, exclude_seen: bool) -> tuple[list[Recommendation], list[int]]:
+    def _rank_states(self, states: list[StoredState], k: int, exclude_seen: bool
+                     ) -> tuple[list[Recommendation], list[int]]:
         """Top-k from stored states, and each user's sequence length as the feature build counts it."""
         self.recommender._check_k(k)
         hidden = torch.cat([s.state["hidden"] for s in states])  # (B, H)
