@@ -44,19 +44,21 @@ class MambaLayer(nn.Module):
         hidden = self.dropout(self.mamba(x))
         if lengths is not None:  # the feed-forward is position-wise: run it where the output is used
             hidden, x = gather_last(hidden, lengths), gather_last(x, lengths)
-        hidden = self.norm(hidden + x if self.residual else hidden)
-        return self.ffn(hidden)
+        return self._after_mamba(hidden, x)
+
+    def _after_mamba(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Residual (when stacked), LayerNorm and feed-forward of the Mamba output: (..., H) -> (..., H)."""
+        return self.ffn(self.norm(hidden + x if self.residual else hidden))
 
     def forward_with_state(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(B, L, H) from an empty history -> (B, L, H) and the Mamba (conv_state, ssm_state) after position L."""
         hidden, state = self.mamba(x, return_state=True)
-        hidden = self.dropout(hidden)
-        return self.ffn(self.norm(hidden + x if self.residual else hidden)), state
+        return self._after_mamba(self.dropout(hidden), x), state
 
     def step(self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One more position: x (B, H) -> (B, H); the states (see `Mamba.step`) advance in place."""
-        hidden = self.dropout(self.mamba.step(x.unsqueeze(1), conv_state, ssm_state)[0].squeeze(1))
-        return self.ffn(self.norm(hidden + x if self.residual else hidden))
+        hidden = self.mamba.step(x.unsqueeze(1), conv_state, ssm_state)[0].squeeze(1)
+        return self._after_mamba(self.dropout(hidden), x)
 
 
 def mamba_stack(hidden_size: int, num_layers: int, d_state: int, d_conv: int, expand: int, dropout: float,
