@@ -24,6 +24,8 @@ from m2rec.model.base import RecurrentState
 
 HEADER = struct.Struct("<qq")  # seq, then the byte length of the tensors that follow
 STATES_FILE = "recurrent_states.db"  # in the feature build's data folder
+WIRE_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+               torch.int32: np.dtype(np.int32)}
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,10 @@ class StateCodec:
     tensors in `float_dtype`, integer ones as int32); names and shapes come from the model, not the record."""
 
     def __init__(self, template: RecurrentState, float_dtype: torch.dtype = torch.float32):
-        self.float_dtype = float_dtype
         self.layout = [(name, tuple(t.shape[1:]), t.dtype, float_dtype if t.is_floating_point() else torch.int32)
                        for name, t in sorted(template.items())]
+        self.nbytes = sum(int(np.prod(shape, dtype=np.int64)) * WIRE_DTYPES[wire].itemsize
+                          for _, shape, _, wire in self.layout)  # of one record's tensors (the header adds 16)
 
     def encode(self, stored: StoredState) -> bytes:
         body = b"".join(stored.state[name].detach().to(wire).contiguous().cpu().numpy().tobytes()
@@ -50,23 +53,15 @@ class StateCodec:
 
     def decode(self, data: bytes) -> StoredState | None:
         """The stored state, or None for a record of another layout (e.g. written by another precision)."""
-        seq, size = HEADER.unpack_from(data)
-        if size != len(data) - HEADER.size or size != self.nbytes:
+        if len(data) != HEADER.size + self.nbytes or HEADER.unpack_from(data)[1] != self.nbytes:
             return None
+        seq = HEADER.unpack_from(data)[0]
         state, offset = {}, HEADER.size
         for name, shape, dtype, wire in self.layout:
-            count = int(np.prod(shape, dtype=np.int64))
-            numpy_dtype = np.float16 if wire == torch.float16 else np.dtype(str(wire).removeprefix("torch."))
-            values = np.frombuffer(data, numpy_dtype, count, offset)
+            values = np.frombuffer(data, WIRE_DTYPES[wire], int(np.prod(shape, dtype=np.int64)), offset)
             state[name] = torch.from_numpy(values.copy()).to(dtype).view(1, *shape)
             offset += values.nbytes
         return StoredState(seq, state)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of one record's tensors (the header adds 16)."""
-        return sum(int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=wire).element_size()
-                   for _, shape, _, wire in self.layout)
 
 
 class StateStore:
