@@ -135,3 +135,17 @@ def test_redis_state_store():
         pytest.skip(f"no Redis server at {REDIS_HOST}:{REDIS_PORT} (start one to test the Redis state store)")
     store = RedisStateStore(f"{REDIS_HOST}:{REDIS_PORT}", ttl_s=60)
     check_store(store)
+
+
+def test_the_store_beside_a_build_follows_its_online_store(tmp_path):
+    from types import SimpleNamespace
+
+    from m2rec.serving.state_store import STATES_FILE, open_state_store
+
+    (tmp_path / "data").mkdir()  # a feature build's data folder
+    sqlite = open_state_store(tmp_path, SimpleNamespace(type="sqlite", path="data/online_store.db"))
+    assert isinstance(sqlite, SQLiteStateStore) and sqlite.path == tmp_path / "data" / STATES_FILE
+    redis = open_state_store(tmp_path, SimpleNamespace(type="redis", connection_string="10.0.0.5:6380,db=2"))
+    assert isinstance(redis, RedisStateStore)
+    assert redis.client.connection_pool.connection_kwargs["port"] == 6380
+    assert redis.client.connection_pool.connection_kwargs["db"] == 2
