@@ -14,7 +14,8 @@ What it serves: the packaged BentoML model at start, then whatever version the r
 with. Events are recorded in the event log (durable and applied once before the reply) and reach the next
 retraining. Configuration: what `m2rec package` recorded, overridden by MLFLOW_TRACKING_URI (or M2REC_TRACKING_URI),
 M2REC_FEATURE_ROOT, M2REC_EVENTS_URL, M2REC_FOLLOW_ALIAS ("" pins the packaged version), M2REC_POLL_SECONDS,
-M2REC_MODEL_CACHE, M2REC_FEATURE_REPO (a repository for the packaged version). Secrets (PGPASSWORD,
+M2REC_MODEL_CACHE, M2REC_FEATURE_REPO (a repository for the packaged version), M2REC_RECURRENT (1/0: rank users from
+recurrent states, or re-encode), M2REC_STATE_PRECISION (float32/float16). Secrets (PGPASSWORD,
 M2REC_RELOAD_TOKEN, a Redis password) come from the environment only. Workers:
 `BENTOML_CONFIG_OPTIONS='services.m2rec_service.workers=2'`; `M2REC_TORCH_THREADS` (default 1) model threads per
 worker; `M2REC_MAX_BATCH` (default 64) caps a batch.
@@ -76,7 +77,8 @@ class M2RecService:
                    else str(self.model.tag))
         events = EventLog(sources.events_url) if sources.events_url else None
         repo = sources.feature_repo or sources.repo_for(sources.feature_build)
-        initial = Ranker(self.model.path, repo, version, events, sources.event_params)
+        initial = Ranker(self.model.path, repo, version, events, sources.event_params, sources.recurrent,
+                         sources.state_precision)
         self.follower = FOLLOWER = ChampionFollower(initial, labels.get("registry_version"), sources, events)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="m2rec-model")
         self.rank = AdaptiveBatcher(lambda queries: self.follower.current.rank(queries), self.model_thread,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
+import torch
 from test_registry import sqlite_uri, train_tiny_model
 
 from m2rec.events.log import EventLog
@@ -145,6 +146,142 @@ def test_feature_repo_of_another_dataset_is_not_used(model_dir, feature_repo, ev
     ranker = Ranker(model_dir, other, events=EventLog(events_url))
     failure = ranker.rank([RankQuery(user_id="u1", k=3, exclude_seen=True)])[0].failure
     assert failure.status == 503 and "built from dataset another" in failure.message
+
+
+# --- recurrent states, in process --------------------------------------------------------------------------------
+
+def event(user: str, item_id: str, minutes_ago: float, event_id: str | None = None) -> EventIn:
+    from datetime import datetime, timedelta, timezone
+
+    return EventIn(user_id=user, item_id=item_id, event_id=event_id,
+                   timestamp=datetime.now(timezone.utc) - timedelta(minutes=minutes_ago))
+
+
+def stored_state(ranker: Ranker, user: str):
+    """What the store holds for `user` under `ranker`'s version, unverified (None: nothing)."""
+    data = ranker.states.store.get_many(ranker.states.scope, [user]).get(user)
+    return None if data is None else ranker.states.codec.decode(data)
+
+
+def reencoded_hidden(ranker: Ranker, user: str) -> torch.Tensor:
+    """(1, H): the model's full encoding of the user's current sequence."""
+    history = ranker.sequences.histories([user])[0]
+    return ranker.recommender.model.last_hidden(torch.tensor([history]), torch.tensor([len(history)]))
+
+
+@pytest.fixture(scope="module")
+def reencoding(model_dir, feature_repo, events_url) -> Ranker:
+    return Ranker(model_dir, feature_repo, "m2rec v1", EventLog(events_url), recurrent=False)
+
+
+def count_rebuilds(ranker: Ranker, monkeypatch) -> list[int]:
+    """A list that grows by one for each state rebuilt from a whole history."""
+    calls, rebuild = [], ranker.recommender.model.state_from_history
+    monkeypatch.setattr(ranker.recommender.model, "state_from_history", lambda items: calls.append(1) or rebuild(items))
+    return calls
+
+
+@torch.no_grad()
+def test_states_advanced_event_by_event_equal_reencoding(ranker, reencoding, model_dir, monkeypatch):
+    assert ranker.states is not None and reencoding.states is None
+    user, item_ids = "recurrent-steps", Recommender(model_dir).item_ids
+    rebuilds = count_rebuilds(ranker, monkeypatch)
+    for n in range(1, ranker.recommender.model.max_length + 1):  # up to max_length single events, in time order
+        assert ranker.record_events([event(user, item_ids[1 + (5 * n) % 40], minutes_ago=100 - n)]).failure is None
+        state = stored_state(ranker, user)
+        assert int(state.state["length"][0]) == n
+        assert torch.allclose(state.state["hidden"], reencoded_hidden(ranker, user), atol=1e-4)
+    assert len(rebuilds) == 1  # the first event found no state; every later one was a step
+    query = [RankQuery(user_id=user, k=5, exclude_seen=True)]
+    carried, encoded = ranker.rank(query)[0].response, reencoding.rank(query)[0].response
+    assert [i.item_id for i in carried.items] == [i.item_id for i in encoded.items]
+    assert [i.score for i in carried.items] == pytest.approx([i.score for i in encoded.items], abs=1e-4)
+    assert carried.gates == pytest.approx(encoded.gates, abs=1e-3)
+    assert carried.history_length == encoded.history_length and carried.model_version == "m2rec v1"
+
+
+@torch.no_grad()
+def test_a_retried_event_advances_the_state_once(ranker, model_dir):
+    user, item_ids = "recurrent-retry", Recommender(model_dir).item_ids
+    ranker.record_events([event(user, item_ids[3], minutes_ago=30)])
+    retried = event(user, item_ids[4], minutes_ago=20, event_id="recurrent-retry-1")
+    first = ranker.record_events([retried]).response.events[0]
+    after_first = stored_state(ranker, user)
+    again = ranker.record_events([retried]).response.events[0]
+    assert not first.duplicate and again.duplicate and again.seq == first.seq
+    after_retry = stored_state(ranker, user)
+    assert after_retry.seq == after_first.seq == first.seq and int(after_retry.state["length"][0]) == 2
+    assert torch.equal(after_retry.state["hidden"], after_first.state["hidden"])
+    assert torch.allclose(after_retry.state["hidden"], reencoded_hidden(ranker, user), atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_late_event_rebuilds_the_state_and_stays_exact(ranker, reencoding, model_dir, monkeypatch):
+    user, item_ids = "recurrent-late", Recommender(model_dir).item_ids
+    ranker.record_events([event(user, item_ids[i], minutes_ago=60 - i) for i in (1, 2, 3)])
+    rebuilds = count_rebuilds(ranker, monkeypatch)
+    late = ranker.record_events([event(user, item_ids[9], minutes_ago=120)]).response.events[0]  # before the rest
+    assert len(rebuilds) == 1
+    state = stored_state(ranker, user)
+    assert state.seq == late.seq and state.state["window"][0, -4:].tolist() == [9, 1, 2, 3]
+    assert torch.allclose(state.state["hidden"], reencoded_hidden(ranker, user), atol=1e-4)
+    query = [RankQuery(user_id=user, k=5, exclude_seen=True)]
+    assert [i.item_id for i in ranker.rank(query)[0].response.items] == \
+        [i.item_id for i in reencoding.rank(query)[0].response.items]
+
+
+@torch.no_grad()
+def test_a_version_never_serves_another_versions_state(model_dir, feature_repo, events_url, reencoding, users):
+    from m2rec.serving.state_store import StoredState
+
+    events = EventLog(events_url)
+    v1 = Ranker(model_dir, feature_repo, "m2rec v1-states", events)
+    limit = v1.recommender.model.max_length - 1  # room for one event within max_length: exact re-encoding
+    user = next(u for u in users[6:] if len(reencoding.sequences.histories([u])[0]) < limit)
+    query = [RankQuery(user_id=user, k=5, exclude_seen=True)]
+    v1.rank(query)  # stores v1's state
+    poisoned = stored_state(v1, user).state
+    poisoned["hidden"] = -poisoned["hidden"]  # a state that would rank differently, marked as current
+    v1.states.store.put_many(v1.states.scope, {user: v1.states.codec.encode(StoredState(2**62, poisoned))})
+    v2 = Ranker(model_dir, feature_repo, "m2rec v2-states", events)
+    expected = [i.item_id for i in reencoding.rank(query)[0].response.items]
+    served = v2.rank(query)[0].response
+    assert served.model_version == "m2rec v2-states" and [i.item_id for i in served.items] == expected
+    assert torch.allclose(stored_state(v2, user).state["hidden"], reencoded_hidden(v2, user), atol=1e-4)
+    # an event recorded by v1 leaves v2's state behind the log: v2 rebuilds it rather than serve it
+    v1.record_events([event(user, Recommender(model_dir).item_ids[5], minutes_ago=1)])
+    served = v2.rank(query)[0].response
+    assert served.history_length == len(reencoding.sequences.histories([user])[0])
+    assert [i.item_id for i in served.items] == [i.item_id for i in reencoding.rank(query)[0].response.items]
+
+
+@torch.no_grad()
+def test_two_workers_recording_one_users_events_at_once_keep_its_state_exact(model_dir, feature_repo, events_url):
+    workers = [Ranker(model_dir, feature_repo, "m2rec v1", EventLog(events_url)) for _ in range(2)]
+    user, item_ids = "recurrent-concurrent", Recommender(model_dir).item_ids
+
+    def send(worker: Ranker, offset: int) -> list:
+        return [worker.record_events([event(user, item_ids[offset + 2 * i], minutes_ago=50 - 2 * i - offset)])
+                .failure for i in range(8)]
+
+    with ThreadPoolExecutor(2) as pool:
+        failures = [f for done in pool.map(send, workers, (1, 2)) for f in done]
+    assert failures == [None] * 16
+    state = stored_state(workers[0], user)
+    assert int(state.state["length"][0]) == 16 and state.seq == max(
+        e.seq for e in workers[0].sequences.events.tail([user], 0)[user])
+    assert torch.allclose(state.state["hidden"], reencoded_hidden(workers[0], user), atol=1e-4)
+
+
+def test_the_recurrent_path_is_configured_by_params_and_environment(tmp_path):
+    def sources(metadata: dict, environ: dict) -> ServiceSources:
+        return ServiceSources.resolve(metadata, environ, tmp_path)
+
+    assert sources({}, {}).recurrent and sources({}, {}).state_precision == "float32"
+    assert not sources({"serving": {"recurrent": False}}, {}).recurrent
+    assert not sources({}, {"M2REC_RECURRENT": "0"}).recurrent
+    assert sources({"serving": {"recurrent": False}}, {"M2REC_RECURRENT": "1"}).recurrent
+    assert sources({}, {"M2REC_STATE_PRECISION": "float16"}).state_precision == "float16"
 
 
 def test_adaptive_batcher_batches_what_waits_and_keeps_order():

@@ -4,19 +4,21 @@ Nothing is read, changed and written back: a sequence is derived from the build 
 only, transactional), so no update is lost across threads, workers or replicas, late events fall into time order,
 and a new build picks up every event after its own cutoff. Each accepted event also refreshes the user's
 `user_recent_items` row in the build's online store (what Feast users look up), inside the event's transaction
-with the user locked, so a stale sequence never overwrites a newer one.
+with the user locked, so a stale sequence never overwrites a newer one; in the same place, an `on_appended` hook
+(the recurrent states of serving) sees the same results, a retried event marked as a duplicate.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from m2rec.events.log import Appended, Event, EventLog, LoggedEvent, Tail
 from m2rec.features.store import FeatureClient
 
 log = logging.getLogger(__name__)
 PUBLISH_BATCH = 500  # users per online-store write when a whole build catches up
+OnAppended = Callable[[list[Appended], Tail], None]  # runs in the events' transaction, their users locked
 
 
 class LiveSequences:
@@ -26,15 +28,27 @@ class LiveSequences:
         self.client, self.events = client, events  # without an event log: the build's snapshots, read only
         self.after_seq = client.events_through_seq  # the build saw every event up to here
 
+    def items(self, events: Sequence[LoggedEvent]) -> list[int]:
+        """The item_idx of each event; an item the build's catalog lacks (dropped by its k-core filter) cannot be
+        ranked: left out."""
+        index = self.client.item_index
+        return [index[e.item_id] for e in events if e.item_id in index]
+
     def _merge(self, snapshots: list[list[int] | None], users: Sequence[str],
-               tails: dict[str, list[LoggedEvent]]) -> list[list[int]]:
-        index, limit = self.client.item_index, self.client.max_sequence_length
-        merged = []
-        for user, snapshot in zip(users, snapshots):
-            # an item the build's catalog lacks (dropped by its k-core filter) cannot be ranked: left out
-            logged = [index[e.item_id] for e in tails.get(user, []) if e.item_id in index]
-            merged.append(((snapshot or []) + logged)[-limit:])
-        return merged
+               tails: dict[str, list[LoggedEvent]], whole: bool = False) -> list[list[int]]:
+        """Snapshot + logged items of each user, the last max_sequence_length of them (`whole`: all)."""
+        start = 0 if whole else -self.client.max_sequence_length
+        return [((snapshot or []) + self.items(tails.get(user, [])))[start:]
+                for user, snapshot in zip(users, snapshots)]
+
+    def whole_histories(self, user_ids: Sequence[str], tail: Tail | None = None) -> list[tuple[list[int], int]]:
+        """Each user's snapshot and every event since, not cut to max_sequence_length, with the highest seq among
+        those events (the build's cutoff when none)."""
+        users = list(user_ids)
+        tails = (tail or self.events.tail)(users, self.after_seq)
+        merged = self._merge(self.client.snapshot_sequences(users), users, tails, whole=True)
+        return [(sequence, max((e.seq for e in tails.get(user, [])), default=self.after_seq))
+                for user, sequence in zip(users, merged)]
 
     def histories(self, user_ids: Sequence[str], tail: Tail | None = None) -> list[list[int]]:
         """Each user's item_idx sequence, oldest first (empty for a user with no history)."""
@@ -43,12 +57,19 @@ class LiveSequences:
         tails = read_tail(users, self.after_seq) if read_tail is not None else {}
         return self._merge(self.client.snapshot_sequences(users), users, tails)
 
-    def record(self, events: Sequence[Event]) -> tuple[list[Appended], dict[str, int]]:
-        """Log `events` (durable and applied once) and refresh their users' online sequences before commit;
-        return what the log did with each event and each user's sequence length after them."""
+    def record(self, events: Sequence[Event], on_appended: OnAppended | None = None
+               ) -> tuple[list[Appended], dict[str, int]]:
+        """Log `events` (durable and applied once) and refresh their users' online sequences before commit, then
+        run `on_appended` there too; return what the log did with each event and each user's sequence length
+        after them."""
         lengths: dict[str, int] = {}
-        appended = self.events.append(events, before_commit=lambda results, tail: lengths.update(self._publish(
-            sorted({r.event.user_id for r in results}), tail)))
+
+        def before_commit(results: list[Appended], tail: Tail) -> None:
+            lengths.update(self._publish(sorted({r.event.user_id for r in results}), tail))
+            if on_appended is not None:
+                on_appended(results, tail)
+
+        appended = self.events.append(events, before_commit=before_commit)
         return appended, lengths
 
     def _publish(self, users: list[str], tail: Tail) -> dict[str, int]:

@@ -8,6 +8,34 @@ import torch
 from torch import nn
 
 
+# A user's recurrent state, batched: name -> (B, ...) tensor. Every model's state holds "hidden" (B, H), the output
+# after the last item (what is scored), "window" (B, max_length), the last items right-aligned (0: none; what a
+# served user has seen), and "length" (B,), the number of items carried.
+RecurrentState = dict[str, torch.Tensor]
+
+
+def empty_window(batch: int, max_length: int, device: torch.device) -> RecurrentState:
+    """"window" (B, max_length) and "length" (B,) of empty histories."""
+    return {"window": torch.zeros(batch, max_length, dtype=torch.long, device=device),
+            "length": torch.zeros(batch, dtype=torch.long, device=device)}
+
+
+def window_of(items: torch.Tensor, max_length: int) -> RecurrentState:
+    """"window" (1, max_length) and "length" (1,) after the history `items` (L,)."""
+    state = empty_window(1, max_length, items.device)
+    last = items[-max_length:]
+    state["window"][0, max_length - len(last):] = last
+    state["length"][0] = len(items)
+    return state
+
+
+def push_window(state: RecurrentState, items: torch.Tensor) -> None:
+    """Append items (B,) to each row's "window" (dropping the oldest) and count them in "length", in place."""
+    state["window"].copy_(torch.roll(state["window"], -1, dims=1))
+    state["window"][:, -1] = items
+    state["length"] += 1
+
+
 def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Each row's last real position of right-padded states: (B, L, H), (B,) -> (B, 1, H)."""
     index = (lengths - 1).clamp_min(0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
@@ -58,3 +86,23 @@ class SequentialRecommender(nn.Module):
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Next-item logits after each sequence: (B, L), (B,) -> (B, num_items + 1)."""
         return self.scores(self.last_hidden(items, lengths))
+
+
+class RecurrentRecommender(SequentialRecommender):
+    """A model whose output after a history can be carried forward one item at a time (serving): `step` costs
+    O(1) in the history's length, and `state_from_history` followed by steps equals `last_hidden` of the whole
+    history (up to `max_length` items; past it, the state keeps the whole history, see the README)."""
+
+    def init_state(self, batch: int) -> RecurrentState:
+        """The state of `batch` empty histories."""
+        raise NotImplementedError
+
+    def step(self, items: torch.Tensor, state: RecurrentState
+             ) -> tuple[torch.Tensor, torch.Tensor | None, RecurrentState]:
+        """Carry `state` over one more item each: items (B,) -> hidden (B, H), gates (B, n_branches) or None, and
+        the new state (tensors updated in place)."""
+        raise NotImplementedError
+
+    def state_from_history(self, items: torch.Tensor) -> RecurrentState:
+        """The state after a whole history, in one pass: items (L,) oldest first, L >= 1 -> a state of batch 1."""
+        raise NotImplementedError

@@ -16,15 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from m2rec.model.base import SequentialRecommender
+from m2rec.model.base import RecurrentRecommender, RecurrentState, empty_window, push_window, window_of
 from m2rec.model.config import ModelParams
 from m2rec.model.frequency import CausalFourierFilter
-from m2rec.model.layers import FeedForward, mamba_stack, run_stack
+from m2rec.model.layers import (FeedForward, init_stack_state, mamba_stack, run_stack, run_stack_with_state,
+                                step_stack)
 
 BRANCHES = ("temporal", "frequency", "semantic")
 
 
-class M2Rec(SequentialRecommender):
+class M2Rec(RecurrentRecommender):
     """The gated three-branch model; `params.use_frequency`, `use_text`, `gate`, `scales` give its ablations."""
 
     model_type = "m2rec"
@@ -70,32 +71,88 @@ class M2Rec(SequentialRecommender):
         text = text.masked_fill(torch.arange(len(text), device=text.device).unsqueeze(1) == 0, 0.0)
         return ids + text
 
+    def _embed(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H)
+        return self.norm(self.dropout(self.item_embedding(items)))
+
+    def _text(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H): the semantic branch
+        return self.dropout(self.text_input(self.item_text[items]))
+
+    def _fuse(self, per_scale: list[torch.Tensor], branches: list[torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temporal scales (..., H) each, then the other branches (..., H) -> hidden (..., H), gates (..., n)."""
+        temporal = self.scale_mix(torch.cat(per_scale, -1)) if self.scale_mix is not None else per_scale[0]
+        stacked = torch.stack([temporal, *branches], dim=-2)  # (..., n_branches, H)
+        if self.gate is not None:
+            gates = torch.softmax(self.gate(stacked.flatten(-2)), dim=-1)  # (..., n_branches)
+        else:
+            gates = stacked.new_full(stacked.shape[:-1], 1.0 / stacked.shape[-2])
+        fused = (gates.unsqueeze(-1) * stacked).sum(-2)  # (..., H)
+        return self.output_norm(fused), gates
+
     def encode_with_gates(self, items: torch.Tensor, lengths: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) -> hidden (B, L, H) and gate weights (B, L, n_branches) over `self.branch_names`. With
         `lengths`, only each row's last real position is returned (B, 1, ...): the sequence-mixing parts run
         over the whole history, the position-wise parts only where the output is used."""
-        embedded = self.norm(self.dropout(self.item_embedding(items)))  # (B, L, H)
+        embedded = self._embed(items)  # (B, L, H)
         per_scale = [run_stack(stack, embedded, lengths) for stack in self.scales]  # n_scales x (B, L|1, H)
-        temporal = self.scale_mix(torch.cat(per_scale, -1)) if self.scale_mix is not None else per_scale[0]
-        branches = [temporal]
+        branches = []
         if self.params.use_frequency:
             filtered = (self.frequency_filter(embedded) if lengths is None
                         else self.frequency_filter.forward_last(embedded, lengths))
             branches.append(self.frequency_ffn(filtered))
         if self.params.use_text:
             current = items if lengths is None else items.gather(1, (lengths - 1).view(-1, 1))  # (B, L|1)
-            branches.append(self.dropout(self.text_input(self.item_text[current])))
-        stacked = torch.stack(branches, dim=-2)  # (B, L|1, n_branches, H)
-        if self.gate is not None:
-            gates = torch.softmax(self.gate(stacked.flatten(-2)), dim=-1)  # (B, L|1, n_branches)
-        else:
-            gates = stacked.new_full(stacked.shape[:-1], 1.0 / len(branches))
-        fused = (gates.unsqueeze(-1) * stacked).sum(-2)  # (B, L|1, H)
-        return self.output_norm(fused), gates
+            branches.append(self._text(current))
+        return self._fuse(per_scale, branches)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, H)
         return self.encode_with_gates(items)[0]
 
     def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # -> (B, H)
         return self.encode_with_gates(items, lengths)[0].squeeze(1)
+
+    # State: per temporal scale s and layer i "scale{s}.layer{i}.conv" (B, d_inner, d_conv) and
+    # "scale{s}.layer{i}.ssm" (B, d_inner, d_state); "window" (B, max_length), the last items right-aligned (0:
+    # none), which makes the frequency branch one (max_length x H) product with its causal kernel; "hidden" (B, H),
+    # "gates" (B, n_branches), "length" (B,).
+    def init_state(self, batch: int) -> RecurrentState:
+        state: RecurrentState = {}
+        for s, stack in enumerate(self.scales):
+            state.update(init_stack_state(f"scale{s}.", stack, batch))
+        weight = self.item_embedding.weight
+        return {**state, **empty_window(batch, self.max_length, weight.device),
+                "hidden": weight.new_zeros(batch, weight.shape[1]),
+                "gates": weight.new_zeros(batch, len(self.branch_names))}
+
+    def _readout(self, per_scale: list[torch.Tensor], window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last temporal outputs (B, H) per scale and the window (B, W) -> hidden (B, H), gates (B, n)."""
+        branches = []
+        if self.params.use_frequency:
+            embedded = self._embed(window) * (window != 0).unsqueeze(-1)  # (B, W, H), empty slots add nothing
+            full = torch.full((len(window),), window.shape[1], device=window.device)
+            branches.append(self.frequency_ffn(self.frequency_filter.forward_last(embedded, full)).squeeze(1))
+        if self.params.use_text:
+            branches.append(self._text(window[:, -1]))
+        return self._fuse(per_scale, branches)
+
+    def step(self, items: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, torch.Tensor, RecurrentState]:
+        embedded = self._embed(items)  # (B, H)
+        per_scale = [step_stack(f"scale{s}.", stack, embedded, state) for s, stack in enumerate(self.scales)]
+        push_window(state, items)
+        hidden, gates = self._readout(per_scale, state["window"])
+        state["hidden"].copy_(hidden)
+        state["gates"].copy_(gates)
+        return hidden, gates, state
+
+    def state_from_history(self, items: torch.Tensor) -> RecurrentState:
+        embedded = self._embed(items.unsqueeze(0))  # (1, L, H)
+        state: RecurrentState = {}
+        per_scale = []
+        for s, stack in enumerate(self.scales):
+            hidden, scale_state = run_stack_with_state(f"scale{s}.", stack, embedded)  # (1, L, H)
+            per_scale.append(hidden[:, -1])
+            state.update(scale_state)
+        state.update(window_of(items, self.max_length))
+        hidden, gates = self._readout(per_scale, state["window"])
+        return {**state, "hidden": hidden, "gates": gates}

@@ -1,6 +1,8 @@
 """What the model worker does, free of BentoML so it can be tested without a server: load a model version and the
 feature build it was trained with, derive users' sequences (the build's snapshot plus the events logged since),
-rank batches of queries and record events."""
+rank batches of queries and record events. With `recurrent` (M2Rec, Mamba4Rec), a user is ranked from a recurrent
+state that each accepted event advances by one step (`m2rec.serving.recurrent`): a lookup and one scoring instead
+of re-encoding the sequence."""
 
 from __future__ import annotations
 
@@ -9,12 +11,18 @@ import time
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from functools import partial
+from typing import Callable, Literal
+
+import torch
 
 from m2rec.data.errors import DataError
 from m2rec.events.log import Event, EventConflict, EventLog, EventParams
 from m2rec.inference import Recommendation, Recommender
+from m2rec.model.base import RecurrentRecommender
 from m2rec.serving.schemas import (EventIn, EventResponse, EventsResponse, EventsResult, Failure, RankQuery,
                                    RankResult, RecommendedItem, RecommendResponse)
+from m2rec.serving.state_store import StoredState
 
 log = logging.getLogger(__name__)
 BAD_REQUEST, CONFLICT, UNAVAILABLE = 400, 409, 503
@@ -53,12 +61,42 @@ def length_buckets(rows: list[int], histories: dict[int, list[int]], max_length:
     return buckets
 
 
+def top_k(recommender: Recommender, hidden: torch.Tensor, gates: torch.Tensor | None, seen: list[list[int]], k: int,
+          exclude_seen: bool) -> list[Recommendation]:
+    """Top-k of last hidden states (B, H) with their gates (B, n_branches) or None; with `exclude_seen`, each row's
+    `seen` item indices are left out (as `Recommender.recommend` does after encoding)."""
+    scores = (hidden @ recommender.item_matrix.t()).float()  # (B, I+1)
+    scores[:, 0] = -torch.inf
+    if exclude_seen:
+        for row, items in enumerate(seen):
+            scores[row, torch.as_tensor(items, dtype=torch.long)] = -torch.inf
+    top_scores, top_items = scores.topk(k, dim=1)
+    names = recommender.model.branch_names
+    results = []
+    for row in range(len(hidden)):
+        idx = top_items[row].numpy()
+        gate = None if gates is None else {name: round(float(w), 4) for name, w in zip(names, gates[row].tolist())}
+        results.append(Recommendation(recommender.item_ids[idx].tolist(), recommender.titles[idx].tolist(),
+                                      top_scores[row].tolist(), gate))
+    return results
+
+
+def _by_options(queries: list[RankQuery], rows: dict[int, object]) -> dict[tuple[int, bool], list[int]]:
+    """`rows` grouped by (k, exclude_seen): one model call each."""
+    groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+    for i in rows:
+        groups[(queries[i].k, queries[i].exclude_seen)].append(i)
+    return groups
+
+
 class Ranker:
     """One model version and its feature build: top-k lists for users (sequences from the build and the event
-    log) and for item histories, one batch at a time, and events recorded through the log."""
+    log, or their recurrent states) and for item histories, one batch at a time, and events recorded through the
+    log."""
 
     def __init__(self, model_dir: str | Path, feature_repo: str | Path | None = None, model_version: str = "",
-                 events: EventLog | None = None, event_params: EventParams | None = None):
+                 events: EventLog | None = None, event_params: EventParams | None = None, recurrent: bool = True,
+                 state_precision: StatePrecision = "float32"):
         from m2rec.features.live import LiveSequences
 
         self.recommender = Recommender(model_dir)
@@ -74,9 +112,26 @@ class Ranker:
                         "%s alone, and /events answers 503", feature_repo)
         else:
             log.info("reading user sequences from the feature build %s and the event log %s", feature_repo, events)
+        self.states = None
+        if recurrent and self.sequences is not None and isinstance(self.recommender.model, RecurrentRecommender):
+            self.states = self._open_states(state_precision)
         log.info("model %s loaded from %s: %d items, dataset %s", self.model_version, model_dir,
                  self.recommender.num_items, dataset_version)
         self._warm_up()
+
+    def _open_states(self, precision: StatePrecision):
+        """Recurrent states of this version in the store beside the feature build."""
+        from m2rec.errors import ConfigError
+        from m2rec.serving.recurrent import UserStates
+        from m2rec.serving.state_store import open_state_store
+
+        if precision not in ("float32", "float16"):
+            raise ConfigError(f"serving.state_precision={precision!r} is not a state precision",
+                              "set serving.state_precision (or M2REC_STATE_PRECISION) to float32 or float16")
+        store = open_state_store(self.features.repo_dir, self.features.store.config.online_store)
+        scope = f"{self.model_version}@{self.features.repo_dir.name}"  # never another version's or build's states
+        log.info("serving users from recurrent states (%s) in %s", precision, type(store).__name__)
+        return UserStates(self.recommender.model, self.sequences, store, scope, getattr(torch, precision))
 
     def _warm_up(self) -> None:
         """One lookup and one ranking before the first request, so it does not pay for first-call setup."""
@@ -89,56 +144,85 @@ class Ranker:
         return Failure(status=UNAVAILABLE, field=field,
                        message=f"user features are unavailable: {self.features_problem}. Fix: {FEATURE_REPO_FIX}")
 
-    def _user_histories(self, queries: list[RankQuery], failures: dict[int, Failure]) -> dict[int, list[int]]:
-        """Histories of the user queries: one online-store lookup for the whole batch."""
+    def _user_inputs(self, queries: list[RankQuery], failures: dict[int, Failure]
+                     ) -> tuple[dict[int, list[int]], dict[int, StoredState]]:
+        """Histories, or (recurrent) states, of the user queries: one lookup for the whole batch. A user without a
+        state has no history."""
         rows = [i for i, query in enumerate(queries) if query.user_id is not None]
         if not rows:
-            return {}
+            return {}, {}
         if self.features is None:
             failures.update({i: self._features_unavailable("user_id") for i in rows})
-            return {}
+            return {}, {}
+        users = [queries[i].user_id for i in rows]
         try:
-            sequences = self.sequences.histories([queries[i].user_id for i in rows])
+            if self.states is not None:
+                states = self.states.current(users)
+                return ({i: [] for i, user in zip(rows, users) if user not in states},
+                        {i: states[user] for i, user in zip(rows, users) if user in states})
+            sequences = self.sequences.histories(users)
         except Exception as err:  # the online store went away: refuse these queries, keep serving the others
             log.exception("online feature lookup failed")
             failures.update({i: Failure(status=UNAVAILABLE, field="user_id",
                                         message=f"the feature store lookup failed ({err}). Fix: check the online "
                                                 "store, then retry") for i in rows})
-            return {}
-        return {i: sequence or [] for i, sequence in zip(rows, sequences)}
+            return {}, {}
+        return {i: sequence or [] for i, sequence in zip(rows, sequences)}, {}
 
     def rank(self, queries: list[RankQuery]) -> list[RankResult]:
         """One result per query, in order: a ranked list, or a failure naming the field at fault."""
         failures: dict[int, Failure] = {}
-        histories = self._user_histories(queries, failures)
+        histories, states = self._user_inputs(queries, failures)
         for i, query in enumerate(queries):
             if query.item_ids is not None:
                 try:
                     histories[i] = self.recommender.to_indices(query.item_ids, field="item_ids")
                 except DataError as err:
                     failures[i] = Failure(status=BAD_REQUEST, field="item_ids", message=str(err))
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)  # one model call per (k, exclude_seen)
-        for i in histories:
-            groups[(queries[i].k, queries[i].exclude_seen)].append(i)
         results: dict[int, RankResult] = {i: RankResult(failure=failure) for i, failure in failures.items()}
-        calls = [(key, bucket) for key, rows in groups.items()
-                 for bucket in length_buckets(rows, histories, self.recommender.model.max_length)]
-        for (k, exclude_seen), rows in calls:
-            try:
-                ranked = self.recommender.recommend([histories[i] for i in rows], k, exclude_seen)
-            except DataError as err:  # k out of range: the same for the whole group
-                results.update({i: RankResult(failure=Failure(status=BAD_REQUEST, field="k", message=str(err)))
-                                for i in rows})
-                continue
-            for i, recommendation in zip(rows, ranked):
-                results[i] = RankResult(response=self._response(queries[i], histories[i], recommendation))
+        for (k, exclude_seen), rows in _by_options(queries, histories).items():
+            for bucket in length_buckets(rows, histories, self.recommender.model.max_length):
+                self._answer(queries, bucket, results, partial(
+                    self._rank_histories, [histories[i] for i in bucket], k, exclude_seen))
+        for (k, exclude_seen), rows in _by_options(queries, states).items():
+            self._answer(queries, rows, results, partial(self._rank_states, [states[i] for i in rows], k,
+                                                         exclude_seen))
         return [results[i] for i in range(len(queries))]
 
-    def _response(self, query: RankQuery, history: list[int], recommendation: Recommendation) -> RecommendResponse:
+    def _answer(self, queries: list[RankQuery], rows: list[int], results: dict[int, RankResult],
+                rank: Callable[[], tuple[list[Recommendation], list[int]]]) -> None:
+        """Results of `rows` from one model call `rank` (ranked lists and history lengths)."""
+        try:
+            ranked, lengths = rank()
+        except DataError as err:  # k out of range: the same for the whole group
+            results.update({i: RankResult(failure=Failure(status=BAD_REQUEST, field="k", message=str(err)))
+                            for i in rows})
+            return
+        for i, recommendation, length in zip(rows, ranked, lengths):
+            results[i] = RankResult(response=self._response(queries[i], length, recommendation))
+
+    def _rank_histories(self, histories: list[list[int]], k: int, exclude_seen: bool
+                        ) -> tuple[list[Recommendation], list[int]]:
+        """Histories re-encoded, and their lengths."""
+        return self.recommender.recommend(histories, k, exclude_seen), [len(h) for h in histories]
+
+    @torch.no_grad()
+    def _rank_states(self, states: list[StoredState], k: int, exclude_seen: bool
+                     ) -> tuple[list[Recommendation], list[int]]:
+        """Top-k from stored states, and each user's sequence length as the feature build counts it."""
+        self.recommender._check_k(k)
+        hidden = torch.cat([s.state["hidden"] for s in states])  # (B, H)
+        gates = torch.cat([s.state["gates"] for s in states]) if "gates" in states[0].state else None  # (B, n)
+        windows = [s.state["window"][0] for s in states]  # (max_length,) each, 0 where empty
+        ranked = top_k(self.recommender, hidden, gates, [w[w > 0].tolist() for w in windows], k, exclude_seen)
+        limit = self.features.max_sequence_length
+        return ranked, [min(int(s.state["length"][0]), limit) for s in states]
+
+    def _response(self, query: RankQuery, history_length: int, recommendation: Recommendation) -> RecommendResponse:
         items = [RecommendedItem(item_id=i, title=t, score=s)
                  for i, t, s in zip(recommendation.item_ids, recommendation.titles, recommendation.scores)]
         return RecommendResponse(user_id=query.user_id, strategy=recommendation.strategy, items=items,
-                                 gates=recommendation.gates, history_length=len(history),
+                                 gates=recommendation.gates, history_length=history_length,
                                  model_version=self.model_version)
 
     def _check_event(self, event: EventIn, now: datetime, field: str) -> tuple[Event | None, Failure | None]:
@@ -175,7 +259,7 @@ class Ranker:
                 return EventsResult(failure=failure)
             checked.append(logged)
         try:
-            appended, lengths = self.sequences.record(checked)
+            appended, lengths = self.sequences.record(checked, None if self.states is None else self.states.advance)
         except EventConflict as err:
             return EventsResult(failure=Failure(status=CONFLICT, field="event_id", message=str(err)))
         for result in appended:

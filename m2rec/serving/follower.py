@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 from m2rec.data.errors import DataError
 from m2rec.events.log import EventLog, EventParams
@@ -28,6 +28,8 @@ class ServingParams:
     follow_alias: str = "champion"  # the alias to follow; "" serves the packaged version only
     poll_interval_s: float = 30.0  # how often the registry is asked where the alias points
     model_cache: str | None = None  # where downloaded versions go; None: BENTOML_HOME/m2rec-versions
+    recurrent: bool = True  # rank users from recurrent states advanced by each event (M2Rec, Mamba4Rec); off: re-encode
+    state_precision: Literal["float32", "float16"] = "float32"  # stored states; float16 halves them, not exact
 
 
 @dataclass
@@ -44,6 +46,8 @@ class ServiceSources:
     poll_interval_s: float
     model_cache: Path
     event_params: EventParams
+    recurrent: bool = True
+    state_precision: str = "float32"
 
     @classmethod
     def resolve(cls, metadata: Mapping, environ: Mapping[str, str], bentoml_home: Path) -> ServiceSources:
@@ -66,6 +70,8 @@ class ServiceSources:
             model_cache=Path(environ.get("M2REC_MODEL_CACHE") or serving.get("model_cache")
                              or bentoml_home / "m2rec-versions"),
             event_params=EventParams(**{k: v for k, v in events.items() if k != "url"}),
+            recurrent=environ.get("M2REC_RECURRENT", str(serving.get("recurrent", True))).lower() in ("1", "true"),
+            state_precision=str(environ.get("M2REC_STATE_PRECISION") or serving.get("state_precision", "float32")),
         )
 
     def repo_for(self, build_key: str | None) -> Path | None:
@@ -157,7 +163,7 @@ class ChampionFollower:
             raise DataError(f"{self.sources.model_name} v{target} names no feature build (tag {FEATURE_BUILD_TAG})",
                             "register versions with the pipeline or `m2rec register --feature-build KEY`")
         ranker = Ranker(folder, self.sources.repo_for(build), f"{self.sources.model_name} v{target}", self.events,
-                        self.sources.event_params)
+                        self.sources.event_params, self.sources.recurrent, self.sources.state_precision)
         if ranker.sequences is None:
             raise DataError(f"v{target}'s user features are unavailable: {ranker.features_problem}",
                             "build its features under the feature root the service reads (M2REC_FEATURE_ROOT)")
