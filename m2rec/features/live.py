@@ -45,7 +45,7 @@ class LiveSequences:
         """Each user's snapshot and every event since, not cut to max_sequence_length, with the highest seq among
         those events (the build's cutoff when none)."""
         users = list(user_ids)
-        tails = (tail or self.events.tail)(users, self.after_seq)
+        tails = self._tails(users, tail)
         merged = self._merge(self.client.snapshot_sequences(users), users, tails, whole=True)
         return [(sequence, max((e.seq for e in tails.get(user, [])), default=self.after_seq))
                 for user, sequence in zip(users, merged)]
@@ -53,9 +53,12 @@ class LiveSequences:
     def histories(self, user_ids: Sequence[str], tail: Tail | None = None) -> list[list[int]]:
         """Each user's item_idx sequence, oldest first (empty for a user with no history)."""
         users = list(user_ids)
+        return self._merge(self.client.snapshot_sequences(users), users, self._tails(users, tail))
+
+    def _tails(self, users: list[str], tail: Tail | None) -> dict[str, list[LoggedEvent]]:
+        """The users' events after the build's cutoff (through `tail` inside a transaction); none without a log."""
         read_tail = tail or (self.events.tail if self.events is not None else None)
-        tails = read_tail(users, self.after_seq) if read_tail is not None else {}
-        return self._merge(self.client.snapshot_sequences(users), users, tails)
+        return read_tail(users, self.after_seq) if read_tail is not None else {}
 
     def record(self, events: Sequence[Event], on_appended: OnAppended | None = None
                ) -> tuple[list[Appended], dict[str, int]]:

@@ -113,7 +113,8 @@ class Ranker:
         else:
             log.info("reading user sequences from the feature build %s and the event log %s", feature_repo, events)
         self.states = None
-        if recurrent and self.sequences is not None and isinstance(self.recommender.model, RecurrentRecommender):
+        if (recurrent and self.sequences is not None and self.sequences.events is not None  # states follow the log
+                and isinstance(self.recommender.model, RecurrentRecommender)):
             self.states = self._open_states(state_precision)
         log.info("model %s loaded from %s: %d items, dataset %s", self.model_version, model_dir,
                  self.recommender.num_items, dataset_version)
