@@ -25,6 +25,7 @@ from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
+from m2rec.training.stopping import epochs_since_best, should_stop, smoothed
 from m2rec.training.trainer import (NextItemLoss, TrainParams, restore_rng_states, rng_states, seed_everything,
                                     train_model, trained_item_mask)
 
@@ -42,18 +43,35 @@ def test_metrics_from_ranks_by_hand():
     assert m["MRR@5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
+def trained_targets(windows) -> list[int]:
+    return sorted(int(t) for _, targets in epoch_batches(windows, batch_size=4, seed=0) for t in targets[targets > 0])
+
+
 def test_windows_cover_every_next_item_once():
     seq = np.arange(1, 12)
     windows = training_windows([seq], max_length=4)
-    targets = sorted(t for w in windows for t in w[1:])
-    assert targets == list(range(2, 12)) and all(len(w) <= 5 for w in windows)
+    assert trained_targets(windows) == list(range(2, 12)) and all(len(w.items) <= 5 for w in windows)
     batches = list(epoch_batches(windows, batch_size=2, seed=0, rank=1, world_size=2))
     assert len(batches) == 1  # 3 windows -> 2 batches -> one per rank
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_overlapping_windows_train_each_target_once_with_full_history(stride):
+    seq = np.arange(1, 12)
+    windows = training_windows([seq], max_length=4, stride=stride)
+    assert trained_targets(windows) == list(range(2, 12))
+    for window in windows:  # a trained target sees max_length - stride + 1 items of history, or all earlier ones
+        for position in range(len(window.items) - window.targets, len(window.items)):
+            earlier = int(window.items[position]) - 1  # items 1..11 in order: item j has j - 1 before it
+            assert position >= min(4 - stride + 1, earlier)
+    assert len(windows) == len(range(11, 1, -stride))
+    if stride == 1:  # every prefix, as RecBole trains
+        assert all(w.targets == 1 and len(w.items) == min(5, w.items[-1]) for w in windows)
+
+
 def test_length_buckets_cut_padding_and_keep_every_window_once():
     rng = np.random.default_rng(0)
-    windows = [np.arange(1, n + 1) for n in rng.integers(2, 51, size=1000)]
+    windows = training_windows([np.arange(1, n + 1) for n in rng.integers(2, 51, size=1000)], max_length=60)
 
     def epoch(bucket: int) -> tuple[list[int], int]:
         seen, padded = [], 0
@@ -63,7 +81,7 @@ def test_length_buckets_cut_padding_and_keep_every_window_once():
         return sorted(seen), padded
 
     (bucketed, bucketed_padding), (plain, plain_padding) = epoch(50), epoch(1)
-    assert bucketed == plain == sorted(len(w) for w in windows)
+    assert bucketed == plain == sorted(len(w.items) for w in windows)
     assert bucketed_padding < plain_padding / 5
 
 
@@ -200,3 +218,38 @@ def test_training_reads_features_through_feast(tiny_synthetic, tmp_path):
     metrics = train(tiny_synthetic, tmp_path / "m", "m2rec", ModelParams(**FAST),
                     TrainParams(epochs=1, batch_size=32, progress=False), feature_repo=repo)
     assert metrics["epochs_run"] == 1
+
+
+def stop_epoch(curve: np.ndarray, **rule) -> int | None:
+    """The epoch after which a run with validation curve `curve` stops, or None if it runs to the end."""
+    return next((n for n in range(1, len(curve) + 1) if should_stop(curve[:n], **rule)), None)
+
+
+DEFAULT_RULE = {k: getattr(TrainParams(), k) for k in ("patience", "min_epochs", "smoothing")}
+RAW_PATIENCE_5 = {"patience": 5}  # the old rule: 5 epochs without a better raw value
+
+
+def test_stopping_rule_does_not_stop_a_noisy_rise():
+    """Validation NDCG@10 that rises by a quarter of its epoch-to-epoch noise per epoch (a small validation set)
+    for 40 epochs: raw patience stops most such runs early, the default rule almost none."""
+    rng = np.random.default_rng(0)
+    curves = [0.02 + 0.0005 * np.arange(40) + rng.normal(0, 0.002, 40) for _ in range(200)]
+    stopped = np.mean([stop_epoch(c, **DEFAULT_RULE) is not None for c in curves])
+    stopped_raw = np.mean([stop_epoch(c, **RAW_PATIENCE_5) is not None for c in curves])
+    assert stopped <= 0.05 and stopped_raw >= 0.5
+
+
+def test_stopping_rule_stops_a_flat_or_falling_curve():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        flat = 0.04 + rng.normal(0, 0.002, 60)
+        falling = 0.05 - 0.0003 * np.arange(60) + rng.normal(0, 0.002, 60)
+        assert DEFAULT_RULE["min_epochs"] <= stop_epoch(flat, **DEFAULT_RULE) <= 40
+        assert DEFAULT_RULE["min_epochs"] <= stop_epoch(falling, **DEFAULT_RULE) <= 25
+
+
+def test_stopping_rule_smooths_with_an_exponential_average():
+    assert smoothed([1.0, 0.0, 0.0], 0.5) == [1.0, 0.5, 0.25]
+    assert epochs_since_best([0.1, 0.3, 0.2, 0.2], 1.0) == 2
+    assert not should_stop([0.3, 0.2, 0.1], patience=2, min_epochs=4)  # too early, whatever the curve
+    assert should_stop([0.3, 0.2, 0.1], patience=2)
