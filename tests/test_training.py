@@ -104,7 +104,7 @@ def write_params(path: Path, epochs: int, **model) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "mamba4rec"])
+@pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "sasrec_text", "mamba4rec"])
 def test_training_beats_chance_and_evaluate_reproduces_metrics(model_type, tiny_synthetic, tmp_path):
     metrics = train(tiny_synthetic, tmp_path / "m", model_type, ModelParams(**FAST),
                     TrainParams(epochs=8, batch_size=32, progress=False))
