@@ -25,6 +25,7 @@ from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
+from m2rec.training.cold_start import impute_untrained_embeddings
 from m2rec.training.stopping import epochs_since_best, should_stop, smoothed
 from m2rec.training.trainer import (NextItemLoss, TrainParams, restore_rng_states, rng_states, seed_everything,
                                     train_model, trained_item_mask)
@@ -253,3 +254,25 @@ def test_stopping_rule_smooths_with_an_exponential_average():
     assert epochs_since_best([0.1, 0.3, 0.2, 0.2], 1.0) == 2
     assert not should_stop([0.3, 0.2, 0.1], patience=2, min_epochs=4)  # too early, whatever the curve
     assert should_stop([0.3, 0.2, 0.1], patience=2)
+
+
+def test_untrained_items_get_the_id_embedding_their_text_predicts():
+    """Trained items' ID embeddings that are a linear function of their text: an untrained item's imputed
+    embedding is that function of its text; padding, trained items and models without text are left alone."""
+    torch.manual_seed(0)
+    text = torch.randn(31, 8)
+    text[0] = 0
+    model = build_model("sasrec_text", 30, ModelParams(**FAST), text)
+    linear, offset = torch.randn(8, 16), torch.randn(16)
+    trained = torch.zeros(31, dtype=torch.bool)
+    trained[1:21] = True
+    with torch.no_grad():
+        model.item_embedding.weight[1:21] = text[1:21] @ linear + offset
+    before = model.item_embedding.weight.detach().clone()
+    assert impute_untrained_embeddings(model, trained, ridge=1e-9) == 10
+    after = model.item_embedding.weight.detach()
+    torch.testing.assert_close(after[21:], text[21:] @ linear + offset, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after[:21], before[:21])
+    plain = build_model("sasrec", 30, ModelParams(**FAST))
+    unchanged = plain.item_embedding.weight.detach().clone()
+    assert impute_untrained_embeddings(plain, trained) == 0 and torch.equal(plain.item_embedding.weight, unchanged)

@@ -24,6 +24,7 @@ from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.files import CHECKPOINT_FILE
 from m2rec.training.batching import Window, epoch_batches, training_windows
+from m2rec.training.cold_start import impute_untrained_embeddings
 from m2rec.training.stopping import should_stop
 from m2rec.utils.atomic import atomic_write_bytes
 
@@ -48,6 +49,9 @@ class TrainParams:
     # to max_length items of history (m2rec.training.batching.training_windows); null: max_length, windows that
     # do not overlap.
     window_stride: Annotated[int, Ge(1)] | None = None
+    # After training, give items absent from the training data the ID embedding their text predicts (ridge fit on
+    # the trained items; m2rec.training.cold_start), so a new catalog item can compete with trained ones.
+    impute_untrained: bool = False
     seed: Annotated[int, Ge(0)] = 42
     eval_batch_size: Annotated[int, Ge(1)] = 512
     mask_history: bool = False  # RecBole's default protocol ranks history items too
@@ -297,5 +301,7 @@ def train_model(
     if _stops(state, params) and run.rank == 0:
         log.info("early stop: no better smoothed validation NDCG@10 for %d epochs", params.patience)
     model.load_state_dict(state.best_weights)
+    if params.impute_untrained:
+        impute_untrained_embeddings(model, trained_item_mask(train_sequences, model.num_items))
     return TrainResult(state.best_epoch, state.best_metric, len(state.history), state.history,
                        time.perf_counter() - started)
