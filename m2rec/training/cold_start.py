@@ -29,10 +29,11 @@ def ridge_text_to_embedding(text: torch.Tensor, embeddings: torch.Tensor, ridge:
 
 
 @torch.no_grad()
-def impute_untrained_embeddings(model: SequentialRecommender, trained_items: torch.Tensor, ridge: float = 0.1
+def impute_untrained_embeddings(model: SequentialRecommender, trained_items: torch.Tensor, ridge: float = 0.01
                                 ) -> int:
     """Set the ID embedding of every real item absent from training (`trained_items`: (I+1,) bool) to the ridge
-    prediction from its text; returns how many items changed (0 for a model without item text)."""
+    prediction from its text; returns how many items changed (0 for a model without item text). The default ridge
+    had the best cold-start HR@10 on ml-100k's validation targets among 0.01, 0.1 and 1 (README: Quality)."""
     item_text = getattr(model, "item_text", None)  # (I+1, T) buffer of the text-aware models
     untrained = ~trained_items.to(model.item_embedding.weight.device)
     untrained[0] = False  # padding stays zero
