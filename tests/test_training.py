@@ -210,8 +210,7 @@ def test_training_reads_features_through_feast(tiny_synthetic, tmp_path):
     from m2rec.stages.train import features_from_store
     from m2rec.text.embeddings import embed_texts
 
-    repo = tmp_path / "repo"
-    build_features(tiny_synthetic, repo)
+    repo = Path(build_features(tiny_synthetic, tmp_path / "features")["repo_dir"])  # the build under the root
     data = PreparedDataset.load(tiny_synthetic)
     sequences, embeddings = features_from_store(repo, data)
     assert [s.tolist() for s in sequences] == [s.tolist() for s in data.train_sequences()]
