@@ -52,6 +52,7 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert set(entry["_meta"]["significance"]) == {"sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"}
     cold = entry["_meta"]["cold_start"]
     assert set(quality.COLD_START_MODELS) <= set(cold) and cold["held_out_items"] > 0
+    assert quality.configure("m2rec_imputed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
@@ -68,4 +69,9 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert saved["tiny"]["m2rec"]["HR@10"]["mean"] == pytest.approx(entry["m2rec"]["HR@10"]["mean"])
     report = output.with_suffix(".md").read_text()
     assert "| m2rec |" in report and "| sasrec_text |" in report and "smoothed by an EMA" in report
+    older = json.loads(json.dumps(entry))  # a study stored before sasrec_text and the smoothed stopping rule
+    for key in ("min_epochs", "smoothing"):
+        del older["_meta"][key]
+    del older["_meta"]["cold_start"]["sasrec_text"]
+    assert "early stop after" in quality.markdown({"older": older})
     assert (output.parent / "quality_curves.png").stat().st_size > 0
