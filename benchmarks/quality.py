@@ -1,8 +1,8 @@
-"""Quality study: M2Rec against SASRec and the Mamba4Rec-style baseline, with ablations, on real data.
+"""Quality study: M2Rec against SASRec, SASRec with item text and the Mamba4Rec-style baseline, with ablations.
 
 One protocol and one code path for every model (RecBole's: k-core, leave-one-out by time, full ranking over all
 items, history not masked): the same data, loss, training loop (m2rec.stages.train.fit), early stopping on
-validation NDCG@10, and the same tuning budget (a grid chosen on validation NDCG@10, never on test).
+smoothed validation NDCG@10, and the same tuning budget (a grid chosen on validation NDCG@10, never on test).
 
     python benchmarks/quality.py --dataset ../shared/datasets/ml-100k --seeds 3 --jobs 2
     python benchmarks/quality.py --dataset ../shared/datasets/amazon-games --seeds 3 --batch-size 512
@@ -54,6 +54,8 @@ PAPER = PAPER_DESIGN
 VARIANTS = {  # name -> (model type, ModelParams overrides); M2Rec as the paper designs it, whatever the defaults
     "m2rec": ("m2rec", PAPER),
     "sasrec": ("sasrec", {}),
+    # SASRec with M2Rec's item representation (ID + projected frozen text): what the text gives any model
+    "sasrec_text": ("sasrec_text", {}),
     "mamba4rec": ("mamba4rec", {}),
     "m2rec_no_fft": ("m2rec", {**PAPER, "use_frequency": False}),
     "m2rec_no_text": ("m2rec", {**PAPER, "use_text": False}),
@@ -62,11 +64,15 @@ VARIANTS = {  # name -> (model type, ModelParams overrides); M2Rec as the paper 
     # both simplifications the ablations point to at once: one temporal scale and no frequency branch
     "m2rec_single_scale_no_fft": ("m2rec", {**PAPER, "scales": [[0.001, 0.1]], "use_frequency": False}),
 }
-BASELINES = ("sasrec", "mamba4rec")
-# Cold start also trains M2Rec with item-ID dropout (its text projection learns to place an item alone), at M2Rec's
-# chosen grid point; not part of the main comparison.
-COLD_START_VARIANTS = {"m2rec_item_id_dropout": ("m2rec", {**PAPER, "item_id_dropout": 0.5})}
-COLD_START_MODELS = ("m2rec", *COLD_START_VARIANTS, *BASELINES)
+BASELINES = ("sasrec", "mamba4rec")  # the baselines without text
+# Cold start also trains M2Rec with item-ID dropout (its text projection learns to place an item alone) and with the
+# ID embeddings of untrained items imputed from their text, at M2Rec's chosen grid point; not part of the main
+# comparison.
+COLD_START_VARIANTS = {"m2rec_item_id_dropout": ("m2rec", {**PAPER, "item_id_dropout": 0.5}),
+                       "m2rec_imputed": ("m2rec", PAPER)}
+# Variants that differ from their model in how it is trained, not in the model: TrainParams overrides.
+TRAIN_OVERRIDES = {"m2rec_imputed": {"impute_untrained": True}}  # untrained items' ID embeddings from their text
+COLD_START_MODELS = ("m2rec", *COLD_START_VARIANTS, "sasrec_text", *BASELINES)
 MAX_LENGTH = 200  # RecBole protocol
 GRID = {"learning_rate": [1e-3, 3e-3], "dropout": [0.2, 0.4], "depth": [1, 2]}  # depth = layers per stack
 DEFAULT_POINT = {"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}  # Mamba4Rec's published defaults
@@ -103,15 +109,15 @@ def load_dataset(path: Path, fmt: str | None) -> tuple[str, Path]:
 
 
 def configure(variant: str, point: dict, max_length: int) -> tuple[str, ModelParams, dict]:
-    """Model type and params for a variant at one grid point (depth means layers per Mamba stack, or
-    Transformer blocks for SASRec)."""
+    """Model type, model params and TrainParams overrides for a variant at one grid point (depth means layers per
+    Mamba stack, or Transformer blocks for SASRec)."""
     model_type, overrides = {**VARIANTS, **COLD_START_VARIANTS}[variant]
     params = ModelParams(max_length=max_length, dropout=point["dropout"], **overrides)
-    if model_type == "sasrec":
+    if model_type in ("sasrec", "sasrec_text"):
         params.sasrec_layers = point["depth"]
     else:
         params.num_layers = point["depth"]
-    return model_type, params, {"learning_rate": point["learning_rate"]}
+    return model_type, params, {"learning_rate": point["learning_rate"], **TRAIN_OVERRIDES.get(variant, {})}
 
 
 def mean_gates(model, data: PreparedDataset, batch_size: int = 512) -> dict[str, float]:
@@ -308,7 +314,7 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
     chosen.update({v: chosen["m2rec"] for v in models if v not in chosen})
     seed_list = [study.train.seed + i for i in range(seeds)]
     jobs = [(v, chosen[v], s) for s in seed_list for v in models]
-    with_cold_start = with_cold_start and all(v in models for v in ("m2rec", *BASELINES))
+    with_cold_start = with_cold_start and all(v in models for v in COLD_START_MODELS if v not in COLD_START_VARIANTS)
     if with_cold_start:
         held_out, cold_jobs = cold_start_jobs(study.data, chosen, study.train.seed)
         jobs += cold_jobs
@@ -316,7 +322,9 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
     runs = {v: [o for job, o in zip(jobs, outcomes) if job[0] == v and len(job) == 3] for v in models}
     meta = {"grid": grid, "chosen": chosen, "curves": {v: r[0]["curve"] for v, r in runs.items()},
             "significance": {}, "users": int(study.data.num_users), "items": int(study.data.num_items),
-            "batch_size": study.train.batch_size, "max_epochs": study.train.epochs, "patience": study.train.patience}
+            "batch_size": study.train.batch_size, "max_epochs": study.train.epochs, "patience": study.train.patience,
+            "min_epochs": study.train.min_epochs, "smoothing": study.train.smoothing,
+            "window_stride": study.train.window_stride}
     if with_cold_start:
         meta["cold_start"] = cold_start_report(study.data, held_out, outcomes[-len(cold_jobs):])
     if "m2rec" in runs:
@@ -336,6 +344,14 @@ def p_value(test: dict) -> str:
     return f"{test['p_value']:.4f}" if test["p_value"] > 0 else f"< {1 / test['rounds']:g}"
 
 
+def stopping_rule(meta: dict) -> str:
+    """The early-stopping rule of a study, in words (studies stored before the smoothed rule used raw patience)."""
+    if meta.get("smoothing", 1.0) == 1.0 and not meta.get("min_epochs"):
+        return f"early stop after {meta['patience']} epochs without a better validation NDCG@10"
+    return (f"early stop after {meta['patience']} epochs without a new best of validation NDCG@10 smoothed by an "
+            f"EMA of weight {meta['smoothing']}, not before epoch {meta['min_epochs']}")
+
+
 def models_of(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k != "_meta"}
 
@@ -347,8 +363,8 @@ def markdown(results: dict) -> str:
         meta, models = entry["_meta"], models_of(entry)
         lines += [f"## {dataset}", "", f"Command: `{meta['command']}`", "",
                   f"{meta['users']} test users, {meta['items']} items; batch {meta['batch_size']}, at most "
-                  f"{meta['max_epochs']} epochs, early stop after {meta['patience']} without a better validation "
-                  f"NDCG@10. Mean ± std over seeds {models[next(iter(models))]['seeds']}. "
+                  f"{meta['max_epochs']} epochs, {stopping_rule(meta)}. Mean ± std over seeds "
+                  f"{models[next(iter(models))]['seeds']}. "
                   "Trained on: "
                   f"{', '.join(sorted({d for m in models.values() for d in m['devices']}))}.", "",
                   "| model | " + " | ".join(REPORTED) + " | best epochs | train s |",
@@ -378,7 +394,7 @@ def markdown(results: dict) -> str:
             lines += ["", "| model | cold HR@10 | cold HR@100 | cold median rank | HR@10, other test users | "
                       "trained on |", "|---|---|---|---|---|---|"]
             lines += [f"| {v} | {cold[v]['HR@10']:.4f} | {cold[v]['HR@100']:.4f} | {cold[v]['median_rank']:.0f} | "
-                      f"{cold[v]['warm_HR@10']:.4f} | {cold[v]['device']} |" for v in COLD_START_MODELS]
+                      f"{cold[v]['warm_HR@10']:.4f} | {cold[v]['device']} |" for v in COLD_START_MODELS if v in cold]
         lines += ["", f"Grid ({len(meta['grid'])} points, chosen on validation NDCG@10 at the first seed): "
                   f"{meta['grid']}", "", f"Chosen: {meta['chosen']}", ""]
     return "\n".join(lines)
@@ -426,7 +442,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=TrainParams.patience)
+    parser.add_argument("--min-epochs", type=int, default=TrainParams.min_epochs)
+    parser.add_argument("--smoothing", type=float, default=TrainParams.smoothing,
+                        help="EMA weight of the newest epoch in the stopping rule (1: raw validation NDCG@10)")
+    parser.add_argument("--window-stride", type=int, default=TrainParams.window_stride,
+                        help="training windows end every N items (default: max length, no overlap)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--grid", choices=("half", "full", "none"), default="half",
                         help="tuning grid over learning rate x dropout x depth (see grid_points)")
@@ -449,7 +470,9 @@ def main() -> None:
     if not args.dataset:
         parser.error("give --dataset PATH (repeatable) or --quick")
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    train = TrainParams(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, progress=False)
+    train = TrainParams(epochs=args.epochs, patience=args.patience, min_epochs=args.min_epochs,
+                        smoothing=args.smoothing, window_stride=args.window_stride, batch_size=args.batch_size,
+                        progress=False)
     pool = None if args.jobs == 1 else concurrent.futures.ProcessPoolExecutor(
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     for path in args.dataset:

@@ -13,6 +13,7 @@ NUM_ITEMS = 50
 SMALL = dict(hidden_size=16, d_state=4, max_length=24, dropout=0.0)
 VARIANTS = {
     "sasrec": ("sasrec", {}),
+    "sasrec_text": ("sasrec_text", {}),
     "mamba4rec": ("mamba4rec", {}),
     "m2rec": ("m2rec", PAPER_DESIGN),
     "m2rec_default": ("m2rec", {}),  # one temporal scale
@@ -147,7 +148,7 @@ def test_item_id_dropout_scores_a_share_of_items_by_text_alone_in_training_only(
     torch.testing.assert_close(model.item_representations()[1:], (model.item_embedding.weight + text_only)[1:])
 
 
-@pytest.mark.parametrize("name", ["m2rec", "sasrec", "mamba4rec"])
+@pytest.mark.parametrize("name", ["m2rec", "sasrec", "sasrec_text", "mamba4rec"])
 def test_save_and_load_round_trip(name, tmp_path):
     model = make(name, torch.float32)
     save_model(tmp_path, model, model.params if hasattr(model, "params") else ModelParams(**SMALL), {})
@@ -156,6 +157,24 @@ def test_save_and_load_round_trip(name, tmp_path):
     torch.testing.assert_close(loaded(items, lengths), model(items, lengths))
 
 
-def test_text_model_needs_embeddings():
+@pytest.mark.parametrize("model_type", ["m2rec", "sasrec_text"])
+def test_text_model_needs_embeddings(model_type):
     with pytest.raises(ValueError, match="item_text_embeddings"):
-        build_model("m2rec", NUM_ITEMS, ModelParams(**SMALL), None)
+        build_model(model_type, NUM_ITEMS, ModelParams(**SMALL), None)
+
+
+def test_sasrec_text_reads_and_scores_items_by_id_plus_text():
+    """sasrec_text represents items as M2Rec scores them (ID embedding + projected text), on input and output:
+    two items with the same text and the same ID embedding are interchangeable, and text changes the encoding."""
+    model = make("sasrec_text")
+    with torch.no_grad():
+        model.item_text[7] = model.item_text[3]
+        model.item_embedding.weight[7] = model.item_embedding.weight[3]
+    reps = model.item_representations()
+    torch.testing.assert_close(reps, model.item_embedding.weight + model.text_output(model.item_text)
+                               * (torch.arange(NUM_ITEMS + 1) > 0).unsqueeze(1))
+    history = torch.tensor([[1, 3, 5]])
+    torch.testing.assert_close(model.encode(history), model.encode(torch.tensor([[1, 7, 5]])))
+    plain = make("sasrec")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    assert not torch.allclose(plain.encode(history), model.encode(history))

@@ -41,17 +41,18 @@ def test_paired_test_tells_a_real_lead_from_noise():
 
 def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
-    models = ["m2rec", "sasrec", "mamba4rec", "m2rec_no_fft"]
+    models = ["m2rec", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"]
     train = TrainParams(epochs=1, batch_size=32, progress=False)
     entry = quality.study_dataset(quality.Study(tiny_synthetic, train), models, quality.grid_points("none"),
                                   seeds=2, with_cold_start=True)
     assert set(entry) == {*models, "_meta"}
     assert entry["m2rec"]["seeds"] == [42, 43] and len(entry["m2rec"]["best_epochs"]) == 2
     assert set(entry["m2rec"]["mean_gates"]) == {"temporal", "frequency", "semantic"}
-    assert "mean_gates" not in entry["sasrec"]
-    assert set(entry["_meta"]["significance"]) == {"sasrec", "mamba4rec", "m2rec_no_fft"}
+    assert "mean_gates" not in entry["sasrec"] and "mean_gates" not in entry["sasrec_text"]
+    assert set(entry["_meta"]["significance"]) == {"sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"}
     cold = entry["_meta"]["cold_start"]
     assert set(quality.COLD_START_MODELS) <= set(cold) and cold["held_out_items"] > 0
+    assert quality.configure("m2rec_imputed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
@@ -66,5 +67,11 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     quality.save(output, "tiny", entry)
     saved = json.loads(output.read_text())
     assert saved["tiny"]["m2rec"]["HR@10"]["mean"] == pytest.approx(entry["m2rec"]["HR@10"]["mean"])
-    assert "| m2rec |" in output.with_suffix(".md").read_text()
+    report = output.with_suffix(".md").read_text()
+    assert "| m2rec |" in report and "| sasrec_text |" in report and "smoothed by an EMA" in report
+    older = json.loads(json.dumps(entry))  # a study stored before sasrec_text and the smoothed stopping rule
+    for key in ("min_epochs", "smoothing"):
+        del older["_meta"][key]
+    del older["_meta"]["cold_start"]["sasrec_text"]
+    assert "early stop after" in quality.markdown({"older": older})
     assert (output.parent / "quality_curves.png").stat().st_size > 0

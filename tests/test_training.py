@@ -25,6 +25,8 @@ from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
+from m2rec.training.cold_start import impute_untrained_embeddings
+from m2rec.training.stopping import epochs_since_best, should_stop, smoothed
 from m2rec.training.trainer import (NextItemLoss, TrainParams, restore_rng_states, rng_states, seed_everything,
                                     train_model, trained_item_mask)
 
@@ -42,18 +44,35 @@ def test_metrics_from_ranks_by_hand():
     assert m["MRR@5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
+def trained_targets(windows) -> list[int]:
+    return sorted(int(t) for _, targets in epoch_batches(windows, batch_size=4, seed=0) for t in targets[targets > 0])
+
+
 def test_windows_cover_every_next_item_once():
     seq = np.arange(1, 12)
     windows = training_windows([seq], max_length=4)
-    targets = sorted(t for w in windows for t in w[1:])
-    assert targets == list(range(2, 12)) and all(len(w) <= 5 for w in windows)
+    assert trained_targets(windows) == list(range(2, 12)) and all(len(w.items) <= 5 for w in windows)
     batches = list(epoch_batches(windows, batch_size=2, seed=0, rank=1, world_size=2))
     assert len(batches) == 1  # 3 windows -> 2 batches -> one per rank
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_overlapping_windows_train_each_target_once_with_full_history(stride):
+    seq = np.arange(1, 12)
+    windows = training_windows([seq], max_length=4, stride=stride)
+    assert trained_targets(windows) == list(range(2, 12))
+    for window in windows:  # a trained target sees max_length - stride + 1 items of history, or all earlier ones
+        for position in range(len(window.items) - window.targets, len(window.items)):
+            earlier = int(window.items[position]) - 1  # items 1..11 in order: item j has j - 1 before it
+            assert position >= min(4 - stride + 1, earlier)
+    assert len(windows) == len(range(11, 1, -stride))
+    if stride == 1:  # every prefix, as RecBole trains
+        assert all(w.targets == 1 and len(w.items) == min(5, w.items[-1]) for w in windows)
+
+
 def test_length_buckets_cut_padding_and_keep_every_window_once():
     rng = np.random.default_rng(0)
-    windows = [np.arange(1, n + 1) for n in rng.integers(2, 51, size=1000)]
+    windows = training_windows([np.arange(1, n + 1) for n in rng.integers(2, 51, size=1000)], max_length=60)
 
     def epoch(bucket: int) -> tuple[list[int], int]:
         seen, padded = [], 0
@@ -63,7 +82,7 @@ def test_length_buckets_cut_padding_and_keep_every_window_once():
         return sorted(seen), padded
 
     (bucketed, bucketed_padding), (plain, plain_padding) = epoch(50), epoch(1)
-    assert bucketed == plain == sorted(len(w) for w in windows)
+    assert bucketed == plain == sorted(len(w.items) for w in windows)
     assert bucketed_padding < plain_padding / 5
 
 
@@ -86,7 +105,7 @@ def write_params(path: Path, epochs: int, **model) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "mamba4rec"])
+@pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "sasrec_text", "mamba4rec"])
 def test_training_beats_chance_and_evaluate_reproduces_metrics(model_type, tiny_synthetic, tmp_path):
     metrics = train(tiny_synthetic, tmp_path / "m", model_type, ModelParams(**FAST),
                     TrainParams(epochs=8, batch_size=32, progress=False))
@@ -191,7 +210,7 @@ def test_training_reads_features_through_feast(tiny_synthetic, tmp_path):
     from m2rec.stages.train import features_from_store
     from m2rec.text.embeddings import embed_texts
 
-    repo = Path(build_features(tiny_synthetic, tmp_path / "features")["repo_dir"])
+    repo = Path(build_features(tiny_synthetic, tmp_path / "features")["repo_dir"])  # the build under the root
     data = PreparedDataset.load(tiny_synthetic)
     sequences, embeddings = features_from_store(repo, data)
     assert [s.tolist() for s in sequences] == [s.tolist() for s in data.train_sequences()]
@@ -199,3 +218,60 @@ def test_training_reads_features_through_feast(tiny_synthetic, tmp_path):
     metrics = train(tiny_synthetic, tmp_path / "m", "m2rec", ModelParams(**FAST),
                     TrainParams(epochs=1, batch_size=32, progress=False), feature_repo=repo)
     assert metrics["epochs_run"] == 1
+
+
+def stop_epoch(curve: np.ndarray, **rule) -> int | None:
+    """The epoch after which a run with validation curve `curve` stops, or None if it runs to the end."""
+    return next((n for n in range(1, len(curve) + 1) if should_stop(curve[:n], **rule)), None)
+
+
+DEFAULT_RULE = {k: getattr(TrainParams(), k) for k in ("patience", "min_epochs", "smoothing")}
+RAW_PATIENCE_5 = {"patience": 5}  # the old rule: 5 epochs without a better raw value
+
+
+def test_stopping_rule_does_not_stop_a_noisy_rise():
+    """Validation NDCG@10 that rises by a quarter of its epoch-to-epoch noise per epoch (a small validation set)
+    for 40 epochs: raw patience stops most such runs early, the default rule almost none."""
+    rng = np.random.default_rng(0)
+    curves = [0.02 + 0.0005 * np.arange(40) + rng.normal(0, 0.002, 40) for _ in range(200)]
+    stopped = np.mean([stop_epoch(c, **DEFAULT_RULE) is not None for c in curves])
+    stopped_raw = np.mean([stop_epoch(c, **RAW_PATIENCE_5) is not None for c in curves])
+    assert stopped <= 0.05 and stopped_raw >= 0.5
+
+
+def test_stopping_rule_stops_a_flat_or_falling_curve():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        flat = 0.04 + rng.normal(0, 0.002, 60)
+        falling = 0.05 - 0.0003 * np.arange(60) + rng.normal(0, 0.002, 60)
+        assert DEFAULT_RULE["min_epochs"] <= stop_epoch(flat, **DEFAULT_RULE) <= 40
+        assert DEFAULT_RULE["min_epochs"] <= stop_epoch(falling, **DEFAULT_RULE) <= 25
+
+
+def test_stopping_rule_smooths_with_an_exponential_average():
+    assert smoothed([1.0, 0.0, 0.0], 0.5) == [1.0, 0.5, 0.25]
+    assert epochs_since_best([0.1, 0.3, 0.2, 0.2], 1.0) == 2
+    assert not should_stop([0.3, 0.2, 0.1], patience=2, min_epochs=4)  # too early, whatever the curve
+    assert should_stop([0.3, 0.2, 0.1], patience=2)
+
+
+def test_untrained_items_get_the_id_embedding_their_text_predicts():
+    """Trained items' ID embeddings that are a linear function of their text: an untrained item's imputed
+    embedding is that function of its text; padding, trained items and models without text are left alone."""
+    torch.manual_seed(0)
+    text = torch.randn(31, 8)
+    text[0] = 0
+    model = build_model("sasrec_text", 30, ModelParams(**FAST), text)
+    linear, offset = torch.randn(8, 16), torch.randn(16)
+    trained = torch.zeros(31, dtype=torch.bool)
+    trained[1:21] = True
+    with torch.no_grad():
+        model.item_embedding.weight[1:21] = text[1:21] @ linear + offset
+    before = model.item_embedding.weight.detach().clone()
+    assert impute_untrained_embeddings(model, trained, ridge=1e-9) == 10
+    after = model.item_embedding.weight.detach()
+    torch.testing.assert_close(after[21:], text[21:] @ linear + offset, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after[:21], before[:21])
+    plain = build_model("sasrec", 30, ModelParams(**FAST))
+    unchanged = plain.item_embedding.weight.detach().clone()
+    assert impute_untrained_embeddings(plain, trained) == 0 and torch.equal(plain.item_embedding.weight, unchanged)

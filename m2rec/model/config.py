@@ -9,7 +9,7 @@ from annotated_types import Ge, Gt, Interval, Len
 
 from m2rec.errors import ConfigError
 
-MODEL_TYPES = ("m2rec", "sasrec", "mamba4rec")
+MODEL_TYPES = ("m2rec", "sasrec", "sasrec_text", "mamba4rec")
 # M2Rec as the paper designs it: two temporal scales (long and short memory), the frequency and semantic branches and
 # the learned gate. The default differs in one place, where the quality study (benchmarks/quality.py) found a part
 # that does not earn its cost: a second temporal scale doubles the Mamba work and changed HR@10 and NDCG@10 by
@@ -56,3 +56,8 @@ class ModelParams:
         if not self.scales:
             raise ConfigError("model.scales needs at least one [dt_min, dt_max] pair",
                               "set model.scales: [[0.001, 0.1]] (one scale) or the paper's [[0.001, 0.1], [0.1, 1.0]]")
+
+
+def uses_text(model_type: str, params: ModelParams) -> bool:
+    """Whether a `model_type` model with `params` reads item text: sasrec_text always, M2Rec with use_text."""
+    return model_type == "sasrec_text" or (model_type == "m2rec" and params.use_text)

@@ -21,11 +21,14 @@ def build_model(model_type: str, num_items: int, params: ModelParams,
     from m2rec.model.m2rec_model import M2Rec
     from m2rec.model.mamba4rec import Mamba4Rec
     from m2rec.model.sasrec import SASRec
+    from m2rec.model.sasrec_text import SASRecText
 
     if model_type == "m2rec":
         return M2Rec(num_items, params, item_text_embeddings if params.use_text else None)
     if model_type == "sasrec":
         return SASRec(num_items, params)
+    if model_type == "sasrec_text":
+        return SASRecText(num_items, params, item_text_embeddings)
     if model_type == "mamba4rec":
         return Mamba4Rec(num_items, params)
     raise ConfigError(f"unknown model {model_type!r}", f"choose one of {', '.join(MODEL_TYPES)}")

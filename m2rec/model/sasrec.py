@@ -26,11 +26,15 @@ class SASRec(SequentialRecommender):
         self.blocks = nn.TransformerEncoder(block, params.sasrec_layers, enable_nested_tensor=False)
         self.apply(_init_weights)
 
+    def embed_items(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, H): what the sequence is read as (the ID embeddings, tied to the output)."""
+        return self.item_embedding(items)
+
     def _embed(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) -> embedded input (B, L, H) and the causal attention mask (L, L)."""
         length = items.shape[1]
         positions = torch.arange(length, device=items.device)
-        hidden = self.dropout(self.norm(self.item_embedding(items) + self.position_embedding(positions)))
+        hidden = self.dropout(self.norm(self.embed_items(items) + self.position_embedding(positions)))
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=items.device, dtype=hidden.dtype)
         return hidden, causal
 

@@ -12,7 +12,7 @@ import torch
 from m2rec.data.prepared import PreparedDataset
 from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
-from m2rec.model.config import ModelParams
+from m2rec.model.config import ModelParams, uses_text
 from m2rec.model.factory import build_model, load_model, read_model_config, save_model
 from m2rec.model.files import HISTORY_FILE, ITEMS_FILE, METRICS_FILE
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
@@ -57,7 +57,7 @@ def features_from_store(feature_repo: str | Path, data: PreparedDataset) -> tupl
 def text_matrix(data: PreparedDataset, model_type: str, model_params: ModelParams, text_params: TextEncoderParams,
                 item_text_embeddings: np.ndarray | None = None) -> torch.Tensor | None:
     """The (num_items + 1, T) text matrix when the model uses item text (computed and cached if not given)."""
-    if model_type != "m2rec" or not model_params.use_text:
+    if not uses_text(model_type, model_params):
         return None
     if item_text_embeddings is None:
         item_text_embeddings = embed_texts(data.items["text"].tolist(), text_params)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -18,22 +18,36 @@ def pad_right(sequences: Sequence[np.ndarray], max_length: int) -> tuple[torch.T
     return torch.from_numpy(items), torch.from_numpy(lengths)
 
 
-def training_windows(sequences: Sequence[np.ndarray], max_length: int) -> list[np.ndarray]:
-    """Cut each training sequence into windows of at most max_length + 1 items, from the most recent back,
-    so every (prefix -> next item) pair is trained once; sequences shorter than 2 give nothing."""
+class Window(NamedTuple):
+    """A stretch of one training sequence; only its last `targets` next items are trained (the earlier ones are
+    history, trained in another window)."""
+
+    items: np.ndarray  # (n,) item ids
+    targets: int  # 1 <= targets <= n - 1
+
+
+def training_windows(sequences: Sequence[np.ndarray], max_length: int, stride: int | None = None) -> list[Window]:
+    """Windows of at most max_length + 1 items ending every `stride` items, from the most recent back, each
+    training its last `stride` next items, so every (prefix -> next item) pair is trained once. With stride
+    max_length (the default) the windows do not overlap and the first targets of each see little history; a
+    smaller stride gives each target up to max_length items of history (stride 1: every prefix, as RecBole), at
+    about max_length / stride times the work. Sequences shorter than 2 give nothing."""
+    stride = min(stride or max_length, max_length)
     windows = []
     for seq in sequences:
         end = len(seq)
         while end >= 2:
-            windows.append(np.asarray(seq[max(0, end - max_length - 1) : end]))
-            end -= max_length
+            start = max(0, end - max_length - 1)
+            windows.append(Window(np.asarray(seq[start:end]), min(stride, end - start - 1)))
+            end -= stride
     return windows
 
 
-def epoch_batches(windows: list[np.ndarray], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+def epoch_batches(windows: list[Window], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                   bucket: int = 50) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled (inputs (B, L), targets (B, L)) batches of windows of similar length; each rank of a
-    data-parallel run gets its share of an equal number of batches. Target 0 marks padding.
+    data-parallel run gets its share of an equal number of batches. Target 0 marks padding and the history
+    positions of a window that are not its targets.
 
     Windows are shuffled, cut into chunks of `bucket` batches, sorted by length inside each chunk and batched,
     and the batch order is shuffled: each batch pads to little more than its own length (on short-sequence
@@ -41,7 +55,7 @@ def epoch_batches(windows: list[np.ndarray], batch_size: int, seed: int, rank: i
     random grouping. `bucket=1` gives plain shuffled batches."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(windows), generator=generator).numpy()
-    lengths = np.array([len(w) for w in windows])
+    lengths = np.array([len(w.items) for w in windows])
     chunk = batch_size * bucket
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
@@ -51,5 +65,8 @@ def epoch_batches(windows: list[np.ndarray], batch_size: int, seed: int, rank: i
     batches = batches[: len(batches) - len(batches) % world_size] if world_size > 1 else batches
     for indices in batches[rank::world_size]:
         chosen = [windows[i] for i in indices]
-        padded, _ = pad_right(chosen, len(max(chosen, key=len)))
-        yield padded[:, :-1], padded[:, 1:]
+        padded, sizes = pad_right([w.items for w in chosen], int(lengths[indices].max()))
+        targets = padded[:, 1:].clone()  # (B, L-1)
+        first_target = sizes - 1 - torch.tensor([w.targets for w in chosen])  # (B,) positions before are history
+        targets[torch.arange(targets.shape[1]).unsqueeze(0) < first_target.unsqueeze(1)] = 0
+        yield padded[:, :-1], targets

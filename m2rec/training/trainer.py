@@ -1,4 +1,4 @@
-"""The training loop: next-item cross-entropy over all items, AdamW, early stopping on validation NDCG@10,
+"""The training loop: next-item cross-entropy over all items, AdamW, early stopping on smoothed validation NDCG@10,
 atomic checkpoints with exact resume, bf16 autocast on CUDA and `torchrun` data parallelism."""
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from typing import Annotated, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 from tqdm.auto import tqdm
 
 from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.files import CHECKPOINT_FILE
-from m2rec.training.batching import epoch_batches, training_windows
+from m2rec.training.batching import Window, epoch_batches, training_windows
+from m2rec.training.cold_start import impute_untrained_embeddings
+from m2rec.training.stopping import should_stop
 from m2rec.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,19 @@ class TrainParams:
     batch_size: Annotated[int, Ge(1)] = 256
     learning_rate: Annotated[float, Gt(0.0)] = 1e-3
     weight_decay: Annotated[float, Ge(0.0)] = 0.0
-    patience: Annotated[int, Ge(1)] = 5  # epochs without a better validation NDCG@10 before stopping
+    # Early stopping (m2rec.training.stopping): stop once an exponential moving average of validation NDCG@10
+    # (weight `smoothing` on the newest epoch) has not reached a new best for `patience` epochs, never before
+    # `min_epochs`. smoothing 1 and min_epochs 0 give plain patience on the raw metric, which stops on noise.
+    patience: Annotated[int, Ge(1)] = 8
+    min_epochs: Annotated[int, Ge(0)] = 10
+    smoothing: Annotated[float, Interval(gt=0.0, le=1.0)] = 0.3
+    # Training windows end every `window_stride` items and train their last `window_stride` targets, each with up
+    # to max_length items of history (m2rec.training.batching.training_windows); null: max_length, windows that
+    # do not overlap.
+    window_stride: Annotated[int, Ge(1)] | None = None
+    # After training, give items absent from the training data the ID embedding their text predicts (ridge fit on
+    # the trained items; m2rec.training.cold_start), so a new catalog item can compete with trained ones.
+    impute_untrained: bool = False
     seed: Annotated[int, Ge(0)] = 42
     eval_batch_size: Annotated[int, Ge(1)] = 512
     mask_history: bool = False  # RecBole's default protocol ranks history items too
@@ -115,7 +129,7 @@ class TrainingRun:
     world: int
     loss_module: nn.Module  # NextItemLoss, wrapped in DistributedDataParallel when world > 1
     autocast: contextlib.AbstractContextManager
-    windows: list[np.ndarray]
+    windows: list[Window]
     checkpoint_path: Path
 
 
@@ -129,20 +143,19 @@ class TrainingState:
     best_metric: float = -1.0  # best validation NDCG@10 so far
     best_epoch: int = 0
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    bad_epochs: int = 0  # epochs since the best one
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one record per epoch; the stopping rule reads it
 
     def checkpoint(self) -> dict:
         return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "best_state": self.best_weights, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "history": self.history, "rng": rng_states()}
+                "history": self.history, "rng": rng_states()}
 
     def restore(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.best_weights, self.best_metric, self.best_epoch = saved["best_state"], saved["best_metric"], \
             saved["best_epoch"]
-        self.epoch, self.bad_epochs, self.history = saved["epoch"], saved["bad_epochs"], saved["history"]
+        self.epoch, self.history = saved["epoch"], saved["history"]
         restore_rng_states(saved["rng"])
 
 
@@ -202,8 +215,8 @@ def _set_up(model: SequentialRecommender, train_sequences: Sequence[np.ndarray],
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and params.amp
                 else contextlib.nullcontext())
-    run = TrainingRun(device, rank, world, loss_module, autocast, training_windows(train_sequences, model.max_length),
-                      Path(checkpoint_dir) / CHECKPOINT_FILE)
+    windows = training_windows(train_sequences, model.max_length, params.window_stride)
+    run = TrainingRun(device, rank, world, loss_module, autocast, windows, Path(checkpoint_dir) / CHECKPOINT_FILE)
     state = TrainingState(model, optimizer, best_weights=_copy_weights(model))
     return run, state
 
@@ -245,12 +258,18 @@ def _end_epoch(state: TrainingState, valid: dict[str, float], loss: float, secon
     """Count the epoch, keep the weights if validation NDCG@10 improved, and record it in the history."""
     state.epoch += 1
     if valid["NDCG@10"] > state.best_metric:
-        state.best_metric, state.best_epoch, state.bad_epochs = valid["NDCG@10"], state.epoch, 0
+        state.best_metric, state.best_epoch = valid["NDCG@10"], state.epoch
         state.best_weights = _copy_weights(state.model)
-    else:
-        state.bad_epochs += 1
     state.history.append({"epoch": state.epoch, "loss": loss, "seconds": seconds,
                           **{f"valid_{k}": v for k, v in valid.items()}})
+
+
+def _validation_curve(state: TrainingState) -> list[float]:
+    return [h["valid_NDCG@10"] for h in state.history]
+
+
+def _stops(state: TrainingState, params: TrainParams) -> bool:
+    return should_stop(_validation_curve(state), params.patience, params.min_epochs, params.smoothing)
 
 
 def train_model(
@@ -268,7 +287,7 @@ def train_model(
     run, state = _set_up(model, train_sequences, params, checkpoint_dir)
     _start(run, state, params, resume)
     started = time.perf_counter()
-    while state.epoch < params.epochs and state.bad_epochs < params.patience:
+    while state.epoch < params.epochs and not _stops(state, params):
         epoch_start = time.perf_counter()
         loss = _train_epoch(run, state, params)
         valid = metrics_from_ranks(rank_targets(model, valid_histories, valid_targets, params.eval_batch_size,
@@ -279,8 +298,10 @@ def train_model(
                      state.epoch, params.epochs, loss, valid["NDCG@10"], valid["HR@10"], state.best_metric,
                      state.best_epoch, state.history[-1]["seconds"])
             _save_checkpoint(run.checkpoint_path, state.checkpoint())
-    if state.bad_epochs >= params.patience and run.rank == 0:
-        log.info("early stop: no better validation NDCG@10 for %d epochs", params.patience)
+    if _stops(state, params) and run.rank == 0:
+        log.info("early stop: no better smoothed validation NDCG@10 for %d epochs", params.patience)
     model.load_state_dict(state.best_weights)
+    if params.impute_untrained:
+        impute_untrained_embeddings(model, trained_item_mask(train_sequences, model.num_items))
     return TrainResult(state.best_epoch, state.best_metric, len(state.history), state.history,
                        time.perf_counter() - started)
