@@ -40,9 +40,10 @@ class MambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, H) -> (B, L, H); with `lengths`, only each row's last real position -> (B, 1, H)."""
-        hidden = self.dropout(self.mamba(x))
-        if lengths is not None:  # the feed-forward is position-wise: run it where the output is used
-            hidden, x = gather_last(hidden, lengths), gather_last(x, lengths)
+        if lengths is None:
+            hidden = self.dropout(self.mamba(x))
+        else:  # everything after the scan is position-wise: run it where the output is used
+            hidden, x = self.dropout(self.mamba.forward_last(x, lengths)), gather_last(x, lengths)
         hidden = self.norm(hidden + x if self.residual else hidden)
         return self.ffn(hidden)
 
