@@ -1,10 +1,10 @@
 """M2Rec online service (BentoML), thin over `m2rec.serving`.
 
 Endpoints: `POST /recommend`, `POST /recommend_by_history`, `POST /events` (one event), `POST /events_batch` (a list,
-all or none), `POST /reload` (check the registry now; needs `Authorization: Bearer $M2REC_RELOAD_TOKEN`), `POST /items` (a new
-item by its text; needs `Authorization: Bearer $M2REC_ITEMS_TOKEN`), plus
-BentoML's `/healthz`, `/readyz` (JSON: the version serving, the follower's last error), `/metrics` and the OpenAPI
-docs at `/` and `/docs.json`. Each worker loads the model once; concurrent requests are ranked in adaptive batches
+all or none), `POST /reload` (check the registry now; needs `Authorization: Bearer $M2REC_RELOAD_TOKEN`),
+`POST /items` (a new item by its text; needs `Authorization: Bearer $M2REC_ITEMS_TOKEN`), plus BentoML's `/healthz`,
+`/readyz` (JSON: the version serving, the follower's last error), `/metrics` and the OpenAPI docs at `/` and
+`/docs.json`. Each worker loads the model once; concurrent requests are ranked in adaptive batches
 (one feature lookup and one model call per batch) on one model thread, so the event loop keeps parsing requests
 meanwhile. Batching happens in the serving process rather than through a `batchable` dependency service:
 BentoML 1.4.40's inter-service client closes its session every 100 requests with calls still in flight, which fail

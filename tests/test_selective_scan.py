@@ -355,3 +355,26 @@ def test_mamba_ssm_cuda_matches_cpu():
                                     delta_softplus=True, return_last_state=True)
     assert rel_err(last_gpu.cpu(), last_cpu) < 1e-4
     assert_close_all(got, want, 1e-3, "mamba_ssm")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_last_position_scan_equals_the_full_scan_there(dtype):
+    """The inference kernel reads channel-last inputs and column slices of one B|C tensor in place, stops at each
+    row's position and gives the full scan's output there; with gradients needed it falls back, same values."""
+    x = make_inputs(dtype, b=3, d=8, n=6, L=21, use_D=False, use_z=False, use_bias=False, softplus=False)
+    u, delta = x["u"].transpose(1, 2).contiguous(), x["delta"].transpose(1, 2).contiguous()  # (b, L, d)
+    bc = torch.cat([x["B"], x["C"]], 1).transpose(1, 2).contiguous()  # (b, L, 2n): slices share a row stride
+    B, C = bc[..., :6], bc[..., 6:]
+    positions = torch.tensor([20, 0, 9])
+    full = ss.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="c")  # (b, d, L)
+    expected = full[torch.arange(3), :, positions]  # (b, d)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B, C, positions), expected, **tol)
+        torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B.contiguous(), C, positions), expected,
+                                   **tol)
+    u.requires_grad_(True)
+    torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B, C, positions), expected, **tol)
+    with pytest.raises(ValueError, match="positions must be in"), torch.no_grad():
+        ss.selective_scan_last(u, delta, x["A"], B, C, torch.tensor([21, 0, 0]))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m2rec.model.base import gather_last
-from m2rec.model.selective_scan import selective_scan, selective_scan_step
+from m2rec.model.selective_scan import selective_scan, selective_scan_last, selective_scan_step
 
 __all__ = ["Mamba"]
 
@@ -185,27 +185,33 @@ class Mamba(nn.Module):
 
     def forward_last(self, hidden_states: Tensor, lengths: Tensor) -> Tensor:
         """The output at each row's last real position only: (B, L, d_model), (B,) -> (B, 1, d_model), equal to
-        ``gather_last(self(hidden_states), lengths)``. The conv and the scan still run over the whole sequence,
-        but the position-wise rest (the z half of in_proj, the D skip, the silu(z) gate, out_proj) runs at one
-        position per row: about half the projection work of a full pass."""
+        ``gather_last(self(hidden_states), lengths)`` within float tolerance. The conv and the scan run up to that
+        position in channel-last layout (no transposes), the scan forms y there only, and the position-wise rest
+        (the z half of in_proj, the D skip, the silu(z) gate, out_proj) runs at that one position."""
         if self._use_cuda_fast_path(hidden_states):
             return gather_last(self._forward_cuda_fused(hidden_states), lengths)
         in_x, in_z = self.in_proj.weight.chunk(2, dim=0)  # (d_inner, d_model) each
         bias_x, bias_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        x = F.linear(hidden_states, in_x, bias_x).transpose(1, 2)  # (B, d_inner, L)
-        x = self.act(F.conv1d(F.pad(x, (self.d_conv - 1, 0)), self.conv1d.weight, self.conv1d.bias,
-                              groups=self.d_inner))  # (B, d_inner, L)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2*d_state)
+        x = self.act(self._causal_conv_last_dim(F.linear(hidden_states, in_x, bias_x)))  # (B, L, d_inner)
+        x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2*d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L), bias added in the scan
-        y = selective_scan(x, dt, self._A(), B.transpose(1, 2), C.transpose(1, 2),
-                           delta_bias=self.dt_proj.bias.to(_param_dtype(self.dt_proj.bias)),
-                           delta_softplus=True)  # (B, d_inner, L), without the D skip and the gate
-        last = (lengths - 1).clamp_min(0).view(-1, 1, 1).expand(-1, self.d_inner, 1)  # (B, d_inner, 1)
-        y_last, x_last = y.gather(2, last).squeeze(2), x.gather(2, last).squeeze(2)  # (B, d_inner) each
+        dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner), final time steps
+        last = (lengths - 1).clamp_min(0)  # (B,)
+        y_last = selective_scan_last(x, dt, self._A(), B, C, last)  # (B, d_inner), without the D skip and the gate
+        x_last = x[torch.arange(len(x), device=x.device), last]  # (B, d_inner)
         z_last = F.linear(gather_last(hidden_states, lengths).squeeze(1), in_z, bias_z)  # (B, d_inner)
         y_last = (y_last + x_last * self.D.to(_param_dtype(self.D))) * self.act(z_last)
         return self.out_proj(y_last.to(hidden_states.dtype)).unsqueeze(1)  # (B, 1, d_model)
+
+    def _causal_conv_last_dim(self, x: Tensor) -> Tensor:
+        """The depthwise causal conv1d on channel-last input: (B, L, d_inner) -> (B, L, d_inner), as shifted
+        multiply-adds (what F.conv1d on the transposed, left-padded input computes)."""
+        weight = self._conv_weight()  # (d_inner, d_conv); tap d_conv - 1 - s multiplies the input s steps back
+        bias = self.conv1d.bias
+        out = x * weight[:, -1] if bias is None else torch.addcmul(bias, x, weight[:, -1])
+        for shift in range(1, min(self.d_conv, x.shape[1])):
+            out[:, shift:].addcmul_(x[:, :-shift], weight[:, -1 - shift])
+        return out
 
     def _forward_cuda_fused(self, hidden_states: Tensor) -> Tensor:
         """mamba_ssm's fused conv + scan + projections (CUDA only)."""

@@ -22,6 +22,15 @@
  *   h0, last, glast, gh0, gA_part: (batch, dim, dstate)   (gA_part summed over batch by caller)
  * Optional pointers (h0, last, gy, glast, gh0) may be NULL.
  *
+ * Inference at one position per sequence (m2rec_ss_last_*): no states kept, no backward,
+ * only y at position pos[b] of each batch row (the scan stops there), channel-last inputs
+ * as the projections produce them:
+ *   u, dt                        : (batch, L, dim)
+ *   Bt, Ct                       : rows of dstate values, row (b, t) at (b*L + t)*bc_stride
+ *                                  (e.g. column slices of one (batch, L, bc_stride) tensor)
+ *   pos                          : (batch,) int64 in [0, L)
+ *   y                            : (batch, dim)
+ *
  * Work is split over (batch, dim) rows in the forward and over (batch, channel group)
  * tasks in the backward, with plain pthreads started per call (no persistent thread
  * pool, so the library stays usable after fork()).  The backward recomputes the
@@ -175,6 +184,8 @@ typedef struct {
     void *y, *last;
     void *gu, *gdt, *gA_part, *gBt_part, *gCt_part, *gh0;
     int64_t batch, dim, dstate, L, groups;
+    int64_t bc_stride;   /* m2rec_ss_last_*: distance between rows of Bt and Ct */
+    const int64_t *pos;  /* m2rec_ss_last_*: the one position of each batch row to output */
     volatile int failed; /* set by a worker that could not allocate its buffers */
 } ss_args;
 
@@ -269,14 +280,29 @@ static int ss_use_avx2(void) { return 0; }
         return a.failed ? -1 : 0;                                                            \
     }
 
+#define SS_LAST_ENTRY(suf)                                                                   \
+    SS_EXPORT int m2rec_ss_last_##suf(const void *u, const void *dt, const void *A,         \
+                                      const void *Bt, const void *Ct, int64_t bc_stride,     \
+                                      const int64_t *pos, int64_t batch, int64_t dim,        \
+                                      int64_t dstate, int64_t L, void *y, int nthreads) {    \
+        ss_args a;                                                                           \
+        memset(&a, 0, sizeof(a));                                                            \
+        a.u = u, a.dt = dt, a.A = A, a.Bt = Bt, a.Ct = Ct, a.bc_stride = bc_stride;          \
+        a.pos = pos, a.y = y, a.batch = batch, a.dim = dim, a.dstate = dstate, a.L = L;      \
+        ss_parallel_for(nthreads, batch * dim, SS_PICK(ss_last_range, suf), &a);             \
+        return a.failed ? -1 : 0;                                                            \
+    }
+
 SS_ENTRY(f32)
 SS_ENTRY(f64)
+SS_LAST_ENTRY(f32)
+SS_LAST_ENTRY(f64)
 
 /* 1 if the AVX2+FMA variants are in use. */
 SS_EXPORT int m2rec_ss_uses_avx2(void) { return ss_use_avx2(); }
 
 /* Version tag, bumped when the ABI of the entry points changes. */
-SS_EXPORT int m2rec_ss_abi_version(void) { return 2; }
+SS_EXPORT int m2rec_ss_abi_version(void) { return 3; }
 
 #else /* ================================================= SS_TEMPLATE_PASS */
 
@@ -292,6 +318,13 @@ SS_TARGET static inline T SUF(ss_step_inplace)(int64_t N, T dt, T dtu, const T *
         y += Cn[n] * hn;
     }
     return y;
+}
+
+/* One forward step without output: h <- exp(dt*A) h + dtu*B. */
+SS_TARGET static inline void SUF(ss_step_state)(int64_t N, T dt, T dtu, const T *restrict Ad,
+                                                T *restrict h, const T *restrict Bn) {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) h[n] = EXP(dt * Ad[n]) * h[n] + dtu * Bn[n];
 }
 
 /* Same step keeping the previous state hp and storing the new state hc and the decays. */
@@ -364,6 +397,34 @@ SS_TARGET static void SUF(ss_fwd_range)(void *vctx, int64_t begin, int64_t end) 
         for (int64_t t = 0; t < L; ++t)
             yr[t] = SUF(ss_step_inplace)(N, dr[t], dr[t] * ur[t], Ad, h, Bb + t * N, Cb + t * N);
         if (last) memcpy(last + row * N, h, sizeof(T) * (size_t)N);
+    }
+    free(h);
+}
+
+/* Inference rows (b, d): scan up to pos[b] on channel-last inputs, output y there only. */
+SS_TARGET static void SUF(ss_last_range)(void *vctx, int64_t begin, int64_t end) {
+    ss_args *a = (ss_args *)vctx;
+    const int64_t L = a->L, N = a->dstate, dim = a->dim, S = a->bc_stride;
+    const T *u = (const T *)a->u, *dtv = (const T *)a->dt, *A = (const T *)a->A;
+    const T *Bt = (const T *)a->Bt, *Ct = (const T *)a->Ct;
+    T *yv = (T *)a->y;
+    T *h = (T *)malloc(sizeof(T) * (size_t)(N > 0 ? N : 1));
+    if (!h) {
+        a->failed = 1;
+        return;
+    }
+    for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / dim, d = row % dim, last = a->pos[b];
+        const T *ub = u + b * L * dim + d, *db = dtv + b * L * dim + d; /* stride dim over t */
+        const T *Ad = A + d * N, *Bb = Bt + b * L * S, *Cb = Ct + b * L * S;
+        memset(h, 0, sizeof(T) * (size_t)N);
+        for (int64_t t = 0; t < last; ++t) {
+            const T dt = db[t * dim];
+            SUF(ss_step_state)(N, dt, dt * ub[t * dim], Ad, h, Bb + t * S);
+        }
+        const T dt = db[last * dim];
+        yv[row] = SUF(ss_step_inplace)(N, dt, dt * ub[last * dim], Ad, h, Bb + last * S,
+                                       Cb + last * S);
     }
     free(h);
 }
