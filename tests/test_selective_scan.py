@@ -378,3 +378,20 @@ def test_last_position_scan_equals_the_full_scan_there(dtype):
     torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B, C, positions), expected, **tol)
     with pytest.raises(ValueError, match="positions must be in"), torch.no_grad():
         ss.selective_scan_last(u, delta, x["A"], B, C, torch.tensor([21, 0, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_causal_conv_silu_equals_torch_conv1d(dtype, with_bias):
+    """The channel-last conv + SiLU (C kernel without autograd, shifted multiply-adds with it) equals SiLU of
+    F.conv1d on the transposed, left-padded input, sequences shorter than the kernel included."""
+    torch.manual_seed(0)
+    for length in (1, 2, 17):
+        x = torch.randn(3, length, 8, dtype=dtype)  # (batch, L, d_inner)
+        weight, bias = torch.randn(8, 4, dtype=dtype), torch.randn(8, dtype=dtype) if with_bias else None
+        expected = torch.nn.functional.silu(torch.nn.functional.conv1d(
+            torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), weight.unsqueeze(1), bias, groups=8)).transpose(1, 2)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(ss.causal_conv_silu(x, weight, bias), expected, **tol)
+        torch.testing.assert_close(ss.causal_conv_silu(x.requires_grad_(True), weight, bias), expected, **tol)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m2rec.model.base import gather_last
-from m2rec.model.selective_scan import selective_scan, selective_scan_last, selective_scan_step
+from m2rec.model.selective_scan import causal_conv_silu, selective_scan, selective_scan_last, selective_scan_step
 
 __all__ = ["Mamba"]
 
@@ -192,7 +192,8 @@ class Mamba(nn.Module):
             return gather_last(self._forward_cuda_fused(hidden_states), lengths)
         in_x, in_z = self.in_proj.weight.chunk(2, dim=0)  # (d_inner, d_model) each
         bias_x, bias_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        x = self.act(self._causal_conv_last_dim(F.linear(hidden_states, in_x, bias_x)))  # (B, L, d_inner)
+        x = F.linear(hidden_states, in_x, bias_x)  # (B, L, d_inner)
+        x = causal_conv_silu(x, self._conv_weight(), self.conv1d.bias)  # (B, L, d_inner)
         x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2*d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner), final time steps
@@ -202,16 +203,6 @@ class Mamba(nn.Module):
         z_last = F.linear(gather_last(hidden_states, lengths).squeeze(1), in_z, bias_z)  # (B, d_inner)
         y_last = (y_last + x_last * self.D.to(_param_dtype(self.D))) * self.act(z_last)
         return self.out_proj(y_last.to(hidden_states.dtype)).unsqueeze(1)  # (B, 1, d_model)
-
-    def _causal_conv_last_dim(self, x: Tensor) -> Tensor:
-        """The depthwise causal conv1d on channel-last input: (B, L, d_inner) -> (B, L, d_inner), as shifted
-        multiply-adds (what F.conv1d on the transposed, left-padded input computes)."""
-        weight = self._conv_weight()  # (d_inner, d_conv); tap d_conv - 1 - s multiplies the input s steps back
-        bias = self.conv1d.bias
-        out = x * weight[:, -1] if bias is None else torch.addcmul(bias, x, weight[:, -1])
-        for shift in range(1, min(self.d_conv, x.shape[1])):
-            out[:, shift:].addcmul_(x[:, :-shift], weight[:, -1 - shift])
-        return out
 
     def _forward_cuda_fused(self, hidden_states: Tensor) -> Tensor:
         """mamba_ssm's fused conv + scan + projections (CUDA only)."""

@@ -66,6 +66,7 @@ __all__ = [
     "selective_scan_torch",
     "selective_scan_step",
     "selective_scan_last",
+    "causal_conv_silu",
     "kernel_available",
     "load_kernel",
     "resolve_backend",
@@ -84,7 +85,7 @@ KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "selective_scan.c"
 CFLAGS: Tuple[str, ...] = (
     "-O3", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC", "-pthread"
 )
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 
 ScanResult = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -424,6 +425,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         # u, dt, A, Bt, Ct, bc_stride, pos, batch, dim, dstate, L, y, nthreads
         last.argtypes = [vp] * 5 + [i64, vp] + [i64] * 4 + [vp, ci]
         last.restype = ci
+        conv = getattr(lib, f"m2rec_conv_silu_{suf}")
+        conv.argtypes = [vp] * 3 + [i64] * 4 + [vp, ci]  # x, w, bias, batch, L, dim, width, out, nthreads
+        conv.restype = None
     for name in ("m2rec_ss_abi_version", "m2rec_ss_uses_avx2"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = ci
@@ -659,6 +663,28 @@ def selective_scan(
         assert fn is not None
         return fn(*args)
     return selective_scan_torch(*args, initial_state=initial_state)
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """SiLU of Mamba's causal depthwise conv1d on channel-last input, for inference: x (batch, L, d_inner),
+    weight (d_inner, width), bias (d_inner,) or None -> (batch, L, d_inner); what ``F.conv1d`` on the transposed,
+    left-padded input computes. One fused pass in the C kernel; torch's shifted multiply-adds when gradients are
+    needed or the kernel is unavailable."""
+    width = weight.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if resolve_backend(x.device) != "c" or needs_grad or x.dtype not in (torch.float32, torch.float64):
+        out = x * weight[:, -1] if bias is None else torch.addcmul(bias, x, weight[:, -1])
+        for shift in range(1, min(width, x.shape[1])):  # tap width-1-shift multiplies the input shift steps back
+            out[:, shift:].addcmul_(x[:, :-shift], weight[:, -1 - shift])
+        return F.silu(out)
+    batch, L, dim = x.shape
+    x, taps = x.contiguous(), weight.to(x.dtype).t().contiguous()  # (width, d_inner)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    out = torch.empty_like(x)
+    lib = load_kernel()
+    fn = lib.m2rec_conv_silu_f64 if x.dtype == torch.float64 else lib.m2rec_conv_silu_f32
+    fn(_ptr(x), _ptr(taps), _ptr(bias), batch, L, dim, width, _ptr(out), torch.get_num_threads())
+    return out
 
 
 def _bc_rows(B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor, int]:

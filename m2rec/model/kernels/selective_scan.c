@@ -31,9 +31,14 @@
  *   pos                          : (batch,) int64 in [0, L)
  *   y                            : (batch, dim)
  *
+ * The causal depthwise conv + SiLU in front of the scan (m2rec_conv_silu_*), channel-last:
+ *   x, out                       : (batch, L, dim)
+ *   w                            : (width, dim)  (tap k multiplies the input width-1-k steps back)
+ *   bias                         : (dim,) or NULL
+ *
  * Work is split over (batch, dim) rows in the forward and over (batch, channel group)
  * tasks in the backward, with plain pthreads started per call (no persistent thread
- * pool, so the library stays usable after fork()).  The backward recomputes the
+ * pool, so the library stays usable after fork()) taking ranges of tasks on demand.  The backward recomputes the
  * forward states of one row into a per-thread (L+1)*dstate buffer, then runs the
  * adjoint recurrence backwards in time.
  */
@@ -131,16 +136,22 @@ typedef void (*ss_range_fn)(void *ctx, int64_t begin, int64_t end);
 typedef struct {
     ss_range_fn fn;
     void *ctx;
-    int64_t begin, end;
-} ss_chunk;
+    int64_t ntasks, grain;
+    int64_t next; /* the first task nobody has taken yet (atomic) */
+} ss_queue;
 
-static void *ss_thread_main(void *arg) {
-    ss_chunk *c = (ss_chunk *)arg;
-    c->fn(c->ctx, c->begin, c->end);
-    return NULL;
+/* Take ranges of `grain` tasks until none is left: a thread slowed by a busy core takes fewer. */
+static void *ss_worker(void *arg) {
+    ss_queue *q = (ss_queue *)arg;
+    for (;;) {
+        const int64_t begin = __atomic_fetch_add(&q->next, q->grain, __ATOMIC_RELAXED);
+        if (begin >= q->ntasks) return NULL;
+        q->fn(q->ctx, begin, begin + q->grain < q->ntasks ? begin + q->grain : q->ntasks);
+    }
 }
 
-/* Run fn over [0, ntasks) split into nthreads contiguous ranges. */
+/* Run fn over [0, ntasks) on nthreads threads (this one included), about 8 ranges per thread handed out on
+ * demand; every task runs once, each on its own, so the results do not depend on the split. */
 static void ss_parallel_for(int nthreads, int64_t ntasks, ss_range_fn fn, void *ctx) {
     if (ntasks <= 0) return;
     if (nthreads > ntasks) nthreads = (int)ntasks;
@@ -148,33 +159,17 @@ static void ss_parallel_for(int nthreads, int64_t ntasks, ss_range_fn fn, void *
         fn(ctx, 0, ntasks);
         return;
     }
-    ss_chunk *chunks = (ss_chunk *)malloc(sizeof(ss_chunk) * (size_t)nthreads);
+    ss_queue q = {fn, ctx, ntasks, 0, 0};
+    q.grain = ntasks / ((int64_t)nthreads * 8);
+    if (q.grain < 1) q.grain = 1;
     pthread_t *tids = (pthread_t *)malloc(sizeof(pthread_t) * (size_t)nthreads);
     int *started = (int *)calloc((size_t)nthreads, sizeof(int));
-    if (!chunks || !tids || !started) {
-        free(chunks);
-        free(tids);
-        free(started);
-        fn(ctx, 0, ntasks);
-        return;
-    }
-    for (int i = 0; i < nthreads; ++i) {
-        chunks[i].fn = fn;
-        chunks[i].ctx = ctx;
-        chunks[i].begin = ntasks * i / nthreads;
-        chunks[i].end = ntasks * (i + 1) / nthreads;
-    }
-    /* Range 0 runs on the calling thread. */
-    for (int i = 1; i < nthreads; ++i)
-        started[i] = pthread_create(&tids[i], NULL, ss_thread_main, &chunks[i]) == 0;
-    fn(ctx, chunks[0].begin, chunks[0].end);
-    for (int i = 1; i < nthreads; ++i) {
-        if (started[i])
-            pthread_join(tids[i], NULL);
-        else
-            fn(ctx, chunks[i].begin, chunks[i].end); /* could not spawn: run inline */
-    }
-    free(chunks);
+    if (tids && started)
+        for (int i = 1; i < nthreads; ++i)
+            started[i] = pthread_create(&tids[i], NULL, ss_worker, &q) == 0;
+    ss_worker(&q); /* threads that could not start leave their share to the others */
+    for (int i = 1; tids && started && i < nthreads; ++i)
+        if (started[i]) pthread_join(tids[i], NULL);
     free(tids);
     free(started);
 }
@@ -188,6 +183,12 @@ typedef struct {
     const int64_t *pos;  /* m2rec_ss_last_*: the one position of each batch row to output */
     volatile int failed; /* set by a worker that could not allocate its buffers */
 } ss_args;
+
+typedef struct {
+    const void *x, *w, *bias;
+    void *out;
+    int64_t L, dim, width;
+} ss_conv_args;
 
 typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -293,16 +294,26 @@ static int ss_use_avx2(void) { return 0; }
         return a.failed ? -1 : 0;                                                            \
     }
 
+#define SS_CONV_ENTRY(suf)                                                                   \
+    SS_EXPORT void m2rec_conv_silu_##suf(const void *x, const void *w, const void *bias,    \
+                                         int64_t batch, int64_t L, int64_t dim,              \
+                                         int64_t width, void *out, int nthreads) {           \
+        ss_conv_args a = {x, w, bias, out, L, dim, width};                                   \
+        ss_parallel_for(nthreads, batch * L, SS_PICK(ss_conv_silu_range, suf), &a);          \
+    }
+
 SS_ENTRY(f32)
 SS_ENTRY(f64)
 SS_LAST_ENTRY(f32)
 SS_LAST_ENTRY(f64)
+SS_CONV_ENTRY(f32)
+SS_CONV_ENTRY(f64)
 
 /* 1 if the AVX2+FMA variants are in use. */
 SS_EXPORT int m2rec_ss_uses_avx2(void) { return ss_use_avx2(); }
 
 /* Version tag, bumped when the ABI of the entry points changes. */
-SS_EXPORT int m2rec_ss_abi_version(void) { return 3; }
+SS_EXPORT int m2rec_ss_abi_version(void) { return 4; }
 
 #else /* ================================================= SS_TEMPLATE_PASS */
 
@@ -399,6 +410,28 @@ SS_TARGET static void SUF(ss_fwd_range)(void *vctx, int64_t begin, int64_t end) 
         if (last) memcpy(last + row * N, h, sizeof(T) * (size_t)N);
     }
     free(h);
+}
+
+/* Rows (b, t) of the causal depthwise conv + SiLU: out = silu(bias + sum_k w[k] * x[t - (width-1-k)]). */
+SS_TARGET static void SUF(ss_conv_silu_range)(void *vctx, int64_t begin, int64_t end) {
+    const ss_conv_args *a = (const ss_conv_args *)vctx;
+    const int64_t L = a->L, dim = a->dim, K = a->width;
+    const T *x = (const T *)a->x, *w = (const T *)a->w, *bias = (const T *)a->bias;
+    for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row % L;
+        T *restrict o = (T *)a->out + row * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = bias ? bias[d] : (T)0;
+        for (int64_t k = 0; k < K; ++k) {
+            const int64_t back = K - 1 - k;
+            if (back > t) continue; /* before the sequence: zeros */
+            const T *restrict xr = x + (row - back) * dim, *restrict wk = w + k * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) o[d] += wk[d] * xr[d];
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / ((T)1 + EXP(-o[d]));
+    }
 }
 
 /* Inference rows (b, d): scan up to pos[b] on channel-last inputs, output y there only. */
