@@ -5,7 +5,8 @@ all items) at batch 256; the median of repeated runs after warm-up, and the peak
 runs in its own process (so peak memory is its own) under an address-space limit (an out-of-memory case is
 reported, not fatal). Then, per length, batch inference of M2Rec and SASRec side by side in one process, the two
 calls alternating round by round, so a busy shared machine slows both alike: the median of the per-round ratios,
-with the load average before and after. Writes benchmarks/results/speed.json and speed.md and prints the table.
+with the load average before and after, at torch's default thread count and at one thread (on a shared machine
+other processes' threads compete with a model's own, which hurts short parallel regions most). Writes benchmarks/results/speed.json and speed.md and prints the table.
 
     python benchmarks/speed.py            # lengths 50 .. 2000
     python benchmarks/speed.py --quick    # length 200 only (under two minutes on 2 cores)
@@ -88,6 +89,8 @@ def measure(model_type: str, length: int, batch: int, num_items: int, repeats: i
 def side_by_side(length: int, batch: int, num_items: int, rounds: int) -> dict:
     """M2Rec and SASRec batch inference in this process, alternating (which goes first alternates too): each
     model's median time and the median of the per-round M2Rec/SASRec ratios, with the 1-minute load average."""
+    import torch
+
     cases = {name: build_case(name, length, batch, num_items) for name in ("m2rec", "sasrec")}
     load_before = os.getloadavg()[0]
     for case in cases.values():
@@ -101,13 +104,15 @@ def side_by_side(length: int, batch: int, num_items: int, rounds: int) -> dict:
     ratios = [m / s for m, s in zip(times["m2rec"], times["sasrec"])]
     return {"m2rec_infer_s": statistics.median(times["m2rec"]), "sasrec_infer_s": statistics.median(times["sasrec"]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "rounds": rounds, "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0]}
+            "rounds": rounds, "threads": torch.get_num_threads(), "load_1min_before": load_before,
+            "load_1min_after": os.getloadavg()[0]}
 
 
-def run_case(model_type: str, length: int, args: argparse.Namespace) -> dict:
+def run_case(model_type: str, length: int, args: argparse.Namespace, threads: int | None = None) -> dict:
     """Run one case in a child process with a memory limit; failures come back as {"error": ...}."""
     command = [sys.executable, __file__, "--case", model_type, str(length), "--batch", str(args.batch),
                "--items", str(args.items), "--repeats", str(args.repeats), "--rounds", str(args.rounds)]
+    command += ["--threads", str(threads)] if threads else []
     limit = args.memory_limit_gb * 1024**3
 
     def limit_memory() -> None:
@@ -121,13 +126,13 @@ def run_case(model_type: str, length: int, args: argparse.Namespace) -> dict:
 
 
 def side_by_side_table(ratios: dict) -> str:
-    lines = ["| length | M2Rec inference (s) | SASRec inference (s) | M2Rec/SASRec, median of rounds (min-max) | "
-             "rounds | load 1 min before / after |", "|---|---|---|---|---|---|"]
-    for length, r in ratios.items():
+    lines = ["| length, threads | M2Rec inference (s) | SASRec inference (s) | M2Rec/SASRec, median of rounds "
+             "(min-max) | rounds | load 1 min before / after |", "|---|---|---|---|---|---|"]
+    for case, r in ratios.items():
         if "error" in r:
-            lines.append(f"| {length} | {r['error']} | | | | |")
+            lines.append(f"| {case} | {r['error']} | | | | |")
             continue
-        lines.append(f"| {length} | {r['m2rec_infer_s']:.3f} | {r['sasrec_infer_s']:.3f} | {r['ratio']:.2f} "
+        lines.append(f"| {case} | {r['m2rec_infer_s']:.3f} | {r['sasrec_infer_s']:.3f} | {r['ratio']:.2f} "
                      f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['rounds']} | "
                      f"{r['load_1min_before']:.2f} / {r['load_1min_after']:.2f} |")
     return "\n".join(lines)
@@ -173,8 +178,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds of the side-by-side inference")
     parser.add_argument("--memory-limit-gb", type=int, default=16)
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         model_type, length = args.case[0], int(args.case[1])
         result = (side_by_side(length, args.batch, args.items, args.rounds) if model_type == "side_by_side"
                   else measure(model_type, length, args.batch, args.items, args.repeats))
@@ -186,7 +196,11 @@ def main() -> None:
         for model_type in MODELS:
             results[model_type][str(length)] = run_case(model_type, length, args)
             print(f"{model_type:>10} L={length:<5} {results[model_type][str(length)]}", flush=True)
-    ratios = {str(length): run_case("side_by_side", length, args) for length in lengths}
+    ratios = {}
+    for length in lengths:
+        for threads in (None, 1):  # torch's default, then one
+            result = run_case("side_by_side", length, args, threads)
+            ratios[f"{length}, {result.get('threads', threads or 'default')}"] = result
     print(f"side by side: {ratios}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {"batch": args.batch, "items": args.items, "repeats": args.repeats, "cpus": os.cpu_count(),
