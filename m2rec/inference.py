@@ -55,7 +55,7 @@ class Recommender:
             self.item_matrix = self.model.item_representations().detach()  # (I+1, H)
         # Set by a server whose catalog grows while it serves (m2rec.serving.items): brings in items added
         # elsewhere; called when an unknown item id arrives, and before ranking at most every interval.
-        self.sync_catalog: Callable[[], None] | None = None
+        self.sync_catalog: Callable[[], object] | None = None
         self._synced_at = -float("inf")
 
     @property
@@ -80,13 +80,13 @@ class Recommender:
         if known or len(set(item_ids)) != len(item_ids):
             raise DataError(f"item_id {(known or list(item_ids))[:5]} already in the catalog", "add new ids once")
         model, count = self.model, len(item_ids)
-        weight = model.item_embedding.weight
-        text = torch.as_tensor(text_embeddings, dtype=model.item_text.dtype, device=self.device)  # (N, T)
+        weight, item_text = model.item_embedding.weight, getattr(model, "item_text")  # (I+1, H), (I+1, T)
+        text = torch.as_tensor(text_embeddings, dtype=item_text.dtype, device=self.device)  # (N, T)
         with torch.no_grad():
             model.item_embedding.weight = torch.nn.Parameter(torch.cat([weight, weight.new_zeros(count,
                                                                                                weight.shape[1])]))
             model.item_embedding.num_embeddings += count
-            model.item_text = torch.cat([model.item_text, text])  # (I+N+1, T)
+            model.item_text = torch.cat([item_text, text])  # (I+N+1, T)
             model.num_items += count
             self.item_matrix = model.item_representations().detach()  # (I+N+1, H)
         first = len(self.item_ids)

@@ -53,7 +53,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -718,8 +718,8 @@ def selective_scan_last(
     which = resolve_backend(u.device, backend)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     if which != "c" or needs_grad:
-        y = selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                           backend=backend)  # (batch, d_inner, L)
+        y = cast(Tensor, selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                                        C.transpose(1, 2), backend=backend))  # (batch, d_inner, L)
         index = positions.view(-1, 1, 1).expand(-1, dim, 1)
         return y.gather(2, index).squeeze(2).to(_compute_dtype(u, delta, A, B, C))
     if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < L:

@@ -26,6 +26,7 @@ from m2rec.serving.schemas import Failure
 
 if TYPE_CHECKING:
     from m2rec.features.store import FeatureClient
+    from m2rec.text.embeddings import TextEncoder
 
 log = logging.getLogger(__name__)
 MAX_TEXT_LENGTH = 10_000  # characters; the encoder reads its first text.max_length tokens anyway
@@ -53,7 +54,7 @@ class ServedCatalog:
     def __init__(self, recommender: Recommender, events: EventLog, features: FeatureClient | None = None):
         self.recommender, self.events, self.features = recommender, events, features
         self.after_seq = 0  # every logged item up to here is in the catalog
-        self._encoder = None
+        self._encoder: TextEncoder | None = None
         self._embedded: dict[str, np.ndarray] = {}  # texts of this worker's adds, embedded before logging
         recommender.sync_catalog = self.sync
 
@@ -65,7 +66,9 @@ class ServedCatalog:
             if self._encoder is None:
                 from m2rec.text.embeddings import TextEncoder, TextEncoderParams
 
-                self._encoder = TextEncoder(TextEncoderParams(model=self.recommender.text_model))
+                text_model = self.recommender.text_model
+                assert text_model is not None  # callers check the text branch first
+                self._encoder = TextEncoder(TextEncoderParams(model=text_model))
             vectors.update(zip(todo, self._encoder.encode(todo, progress=False)))
         return np.stack([vectors[text] for text in texts])
 
