@@ -3,13 +3,14 @@
 For every model and sequence length: one training step (forward + backward + AdamW) and inference (top-10 over
 all items) at batch 256; the median of repeated runs after warm-up, and the peak resident memory. Each case
 runs in its own process (so peak memory is its own) under an address-space limit (an out-of-memory case is
-reported, not fatal). Then, per length, batch inference of M2Rec and SASRec side by side in one process, the two
-calls alternating round by round, so a busy shared machine slows both alike: the median of the per-round ratios,
-with the load average before and after, at torch's default thread count and at one thread (on a shared machine
-other processes' threads compete with a model's own, which hurts short parallel regions most). Writes benchmarks/results/speed.json and speed.md and prints the table.
+reported, not fatal). Then, at length 200 (`--side-by-side-lengths`), batch inference of M2Rec and SASRec side by
+side in one process, the two calls alternating round by round, so a busy shared machine slows both alike: the
+median of the per-round ratios, with the load average before and after, at torch's default thread count and at one
+thread (other processes' threads compete with a model's own, which hurts short parallel regions most). Writes
+benchmarks/results/speed.json and speed.md (speed_quick.* with --quick) and prints the tables.
 
     python benchmarks/speed.py            # lengths 50 .. 2000
-    python benchmarks/speed.py --quick    # length 200 only (under two minutes on 2 cores)
+    python benchmarks/speed.py --quick    # length 200 only (a few minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000, help="catalog size scored at inference")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds of the side-by-side inference")
+    parser.add_argument("--side-by-side-lengths", type=int, nargs="*", default=[200])
     parser.add_argument("--memory-limit-gb", type=int, default=16)
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -197,7 +199,7 @@ def main() -> None:
             results[model_type][str(length)] = run_case(model_type, length, args)
             print(f"{model_type:>10} L={length:<5} {results[model_type][str(length)]}", flush=True)
     ratios = {}
-    for length in lengths:
+    for length in args.side_by_side_lengths:
         for threads in (None, 1):  # torch's default, then one
             result = run_case("side_by_side", length, args, threads)
             ratios[f"{length}, {result.get('threads', threads or 'default')}"] = result
