@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from m2rec.model.factory import load_model, read_model_config
 from m2rec.model.files import ITEMS_FILE
 from m2rec.training.batching import pad_right
 
+log = logging.getLogger(__name__)
 CATALOG_SYNC_INTERVAL_S = 1.0  # how stale a worker's view of items added elsewhere may get
 
 
@@ -101,7 +103,10 @@ class Recommender:
         if self.sync_catalog is None or not (now or time.monotonic() - self._synced_at >= CATALOG_SYNC_INTERVAL_S):
             return
         self._synced_at = time.monotonic()
-        self.sync_catalog()
+        try:
+            self.sync_catalog()
+        except Exception:  # the items table is unreachable: rank with the catalog as it is, retry next interval
+            log.exception("catalog sync failed; serving %d items as they are", self.num_items)
 
     @property
     def num_items(self) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_registry import train_tiny_model
 
+from m2rec.data.errors import DataError
 from m2rec.events.log import EventLog
 from m2rec.inference import Recommender, TextUnsupported
 from m2rec.model.config import ModelParams
@@ -88,6 +89,18 @@ def test_every_worker_sees_an_added_item_with_the_same_index(model_dir, events_u
     late = ServedCatalog(Recommender(model_dir), EventLog(events_url))  # a worker (or version) started after
     late.sync()
     assert late.recommender.index_of["new-b"] == first.recommender.index_of["new-b"]
+
+
+def test_an_unreachable_items_table_does_not_stop_ranking(model_dir):
+    recommender = Recommender(model_dir)
+
+    def unreachable() -> None:
+        raise ConnectionError("event log down")
+
+    recommender.sync_catalog = unreachable
+    assert len(recommender.recommend([[1, 2]], k=3)[0].item_ids) == 3
+    with pytest.raises(DataError, match="unknown item id"):
+        recommender.to_indices(["no-such-item"])
 
 
 def test_bad_adds_are_refused_naming_the_field(model_dir, events_url, workspace):
