@@ -5,8 +5,9 @@ all items) at batch 256; the median of repeated runs after warm-up, and the peak
 runs in its own process (so peak memory is its own) under an address-space limit (an out-of-memory case is
 reported, not fatal). Then, at length 200 (`--side-by-side-lengths`), batch inference of M2Rec and SASRec side by
 side in one process, the two calls alternating round by round, so a busy shared machine slows both alike: the
-median of the per-round ratios, with the load average before and after, at torch's default thread count and at one
-thread (other processes' threads compete with a model's own, which hurts short parallel regions most). Writes
+median of the per-round ratios, with the load average before and after: at torch's default thread count, the same
+with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning, which on a busy machine steals cores
+from the next parallel region, most from models made of many short ones), and at one thread. Writes
 benchmarks/results/speed.json and speed.md (speed_quick.* with --quick) and prints the tables.
 
     python benchmarks/speed.py            # lengths 50 .. 2000
@@ -105,11 +106,13 @@ def side_by_side(length: int, batch: int, num_items: int, rounds: int) -> dict:
     ratios = [m / s for m, s in zip(times["m2rec"], times["sasrec"])]
     return {"m2rec_infer_s": statistics.median(times["m2rec"]), "sasrec_infer_s": statistics.median(times["sasrec"]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "rounds": rounds, "threads": torch.get_num_threads(), "load_1min_before": load_before,
+            "rounds": rounds, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "load_1min_before": load_before,
             "load_1min_after": os.getloadavg()[0]}
 
 
-def run_case(model_type: str, length: int, args: argparse.Namespace, threads: int | None = None) -> dict:
+def run_case(model_type: str, length: int, args: argparse.Namespace, threads: int | None = None,
+             env: dict[str, str] | None = None) -> dict:
     """Run one case in a child process with a memory limit; failures come back as {"error": ...}."""
     command = [sys.executable, __file__, "--case", model_type, str(length), "--batch", str(args.batch),
                "--items", str(args.items), "--repeats", str(args.repeats), "--rounds", str(args.rounds)]
@@ -119,7 +122,8 @@ def run_case(model_type: str, length: int, args: argparse.Namespace, threads: in
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_memory)
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_memory,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         reason = "out of memory" if "memory" in done.stderr.lower() else done.stderr.strip().splitlines()[-1]
         return {"error": reason}
@@ -127,8 +131,8 @@ def run_case(model_type: str, length: int, args: argparse.Namespace, threads: in
 
 
 def side_by_side_table(ratios: dict) -> str:
-    lines = ["| length, threads | M2Rec inference (s) | SASRec inference (s) | M2Rec/SASRec, median of rounds "
-             "(min-max) | rounds | load 1 min before / after |", "|---|---|---|---|---|---|"]
+    lines = ["| length, threads, OpenMP wait policy | M2Rec inference (s) | SASRec inference (s) | M2Rec/SASRec, "
+             "median of rounds (min-max) | rounds | load 1 min before / after |", "|---|---|---|---|---|---|"]
     for case, r in ratios.items():
         if "error" in r:
             lines.append(f"| {case} | {r['error']} | | | | |")
@@ -200,9 +204,10 @@ def main() -> None:
             print(f"{model_type:>10} L={length:<5} {results[model_type][str(length)]}", flush=True)
     ratios = {}
     for length in args.side_by_side_lengths:
-        for threads in (None, 1):  # torch's default, then one
-            result = run_case("side_by_side", length, args, threads)
-            ratios[f"{length}, {result.get('threads', threads or 'default')}"] = result
+        for threads, env in ((None, {}), (None, {"OMP_WAIT_POLICY": "PASSIVE"}), (1, {})):
+            result = run_case("side_by_side", length, args, threads, env)
+            ratios[f"{length}, {result.get('threads', threads or 'default')} threads, OMP wait "
+                   f"{result.get('omp_wait_policy', 'default')}"] = result
     print(f"side by side: {ratios}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {"batch": args.batch, "items": args.items, "repeats": args.repeats, "cpus": os.cpu_count(),
