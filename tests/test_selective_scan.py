@@ -395,3 +395,20 @@ def test_fused_causal_conv_silu_equals_torch_conv1d(dtype, with_bias):
         with torch.no_grad():
             torch.testing.assert_close(ss.causal_conv_silu(x, weight, bias), expected, **tol)
         torch.testing.assert_close(ss.causal_conv_silu(x.requires_grad_(True), weight, bias), expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_time_steps_equal_softplus_of_dt_proj(dtype):
+    """softplus(dt_proj(x)) in one pass (C kernel, reading a column slice of x_proj's output in place) equals
+    torch's, over the whole range of softplus (its threshold at 20 included); with gradients it is torch's."""
+    torch.manual_seed(0)
+    x_dbl = torch.randn(3, 17, 12, dtype=dtype) * 4  # (batch, L, dt_rank + 2*d_state)
+    weight, bias = torch.randn(8, 4, dtype=dtype) * 3, torch.randn(8, dtype=dtype)
+    expected = torch.nn.functional.softplus(torch.nn.functional.linear(x_dbl[..., :4], weight, bias))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(ss.time_steps(x_dbl[..., :4], weight, bias), expected, **tol)
+        values = torch.linspace(-60, 60, 10_001, dtype=dtype).view(1, -1, 1)
+        torch.testing.assert_close(ss.time_steps(values, torch.ones(1, 1, dtype=dtype), None),
+                                   torch.nn.functional.softplus(values), **tol)
+    torch.testing.assert_close(ss.time_steps(x_dbl[..., :4], weight.requires_grad_(True), bias), expected, **tol)

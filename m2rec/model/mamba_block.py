@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m2rec.model.base import gather_last
-from m2rec.model.selective_scan import causal_conv_silu, selective_scan, selective_scan_last, selective_scan_step
+from m2rec.model.selective_scan import (causal_conv_silu, selective_scan, selective_scan_last, selective_scan_step,
+                                        time_steps)
 
 __all__ = ["Mamba"]
 
@@ -196,7 +197,7 @@ class Mamba(nn.Module):
         x = causal_conv_silu(x, self._conv_weight(), self.conv1d.bias)  # (B, L, d_inner)
         x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2*d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))  # (B, L, d_inner), final time steps
+        dt = time_steps(dt, self.dt_proj.weight, self.dt_proj.bias)  # (B, L, d_inner), final time steps
         last = (lengths - 1).clamp_min(0)  # (B,)
         y_last = selective_scan_last(x, dt, self._A(), B, C, last)  # (B, d_inner), without the D skip and the gate
         x_last = x[torch.arange(len(x), device=x.device), last]  # (B, d_inner)

@@ -67,6 +67,7 @@ __all__ = [
     "selective_scan_step",
     "selective_scan_last",
     "causal_conv_silu",
+    "time_steps",
     "kernel_available",
     "load_kernel",
     "resolve_backend",
@@ -85,7 +86,7 @@ KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "selective_scan.c"
 CFLAGS: Tuple[str, ...] = (
     "-O3", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC", "-pthread"
 )
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 
 ScanResult = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -428,6 +429,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         conv = getattr(lib, f"m2rec_conv_silu_{suf}")
         conv.argtypes = [vp] * 3 + [i64] * 4 + [vp, ci]  # x, w, bias, batch, L, dim, width, out, nthreads
         conv.restype = None
+        steps = getattr(lib, f"m2rec_dt_softplus_{suf}")
+        # x, x_stride, w, bias, rows, rank, dim, out, nthreads
+        steps.argtypes = [vp, i64, vp, vp] + [i64] * 3 + [vp, ci]
+        steps.restype = None
     for name in ("m2rec_ss_abi_version", "m2rec_ss_uses_avx2"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = ci
@@ -684,6 +689,29 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tenso
     lib = load_kernel()
     fn = lib.m2rec_conv_silu_f64 if x.dtype == torch.float64 else lib.m2rec_conv_silu_f32
     fn(_ptr(x), _ptr(taps), _ptr(bias), batch, L, dim, width, _ptr(out), torch.get_num_threads())
+    return out
+
+
+def time_steps(dt_low_rank: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Mamba's final time steps for inference, softplus(dt_proj(dt_low_rank)): dt_low_rank (batch, L, dt_rank) (a
+    column slice of x_proj's output is read in place), weight (d_inner, dt_rank), bias (d_inner,) or None ->
+    (batch, L, d_inner). One fused pass in the C kernel; torch when gradients are needed or the kernel is
+    unavailable."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (dt_low_rank, weight, bias))
+    batch, L, rank = dt_low_rank.shape
+    in_place = dt_low_rank.stride(2) == 1 and dt_low_rank.stride(0) == L * dt_low_rank.stride(1)
+    if (resolve_backend(dt_low_rank.device) != "c" or needs_grad or not in_place
+            or dt_low_rank.dtype not in (torch.float32, torch.float64)):
+        return F.softplus(F.linear(dt_low_rank, weight, bias))
+    dim, dtype = weight.shape[0], dt_low_rank.dtype
+    taps = weight.to(dtype).t().contiguous()  # (dt_rank, d_inner)
+    bias = None if bias is None else bias.to(dtype).contiguous()
+    out = dt_low_rank.new_empty(batch, L, dim)
+    lib = load_kernel()
+    fn = lib.m2rec_dt_softplus_f64 if dtype == torch.float64 else lib.m2rec_dt_softplus_f32
+    fn(_ptr(dt_low_rank), dt_low_rank.stride(1), _ptr(taps), _ptr(bias), batch * L, rank, dim, _ptr(out),
+       torch.get_num_threads())
     return out
 
 

@@ -36,11 +36,15 @@
  *   w                            : (width, dim)  (tap k multiplies the input width-1-k steps back)
  *   bias                         : (dim,) or NULL
  *
+ * The time steps (m2rec_dt_softplus_*): dt = softplus(bias + W x_r) per row (b, t), x_r the
+ * first `rank` values of row (b, t) of x_proj's output (rows at distance x_stride), W given as
+ * (rank, dim), out (batch, L, dim); softplus as torch computes it (v itself above 20).
+ *
  * Work is split over (batch, dim) rows in the forward and over (batch, channel group)
  * tasks in the backward, with plain pthreads started per call (no persistent thread
- * pool, so the library stays usable after fork()) taking ranges of tasks on demand.  The backward recomputes the
- * forward states of one row into a per-thread (L+1)*dstate buffer, then runs the
- * adjoint recurrence backwards in time.
+ * pool, so the library stays usable after fork()) taking ranges of tasks on demand.  The
+ * backward recomputes the forward states of one row into a per-thread (L+1)*dstate buffer,
+ * then runs the adjoint recurrence backwards in time.
  */
 #ifndef SS_TEMPLATE_PASS
 
@@ -129,6 +133,41 @@ static inline double ss_exp(double x) {
     return x != x ? x : res;
 }
 
+/* log(x) for normal x > 0, vectorizable: Cephes logf (mantissa in [sqrt(.5), sqrt(2))). */
+static inline float ss_logf(float x) {
+    uint32_t ix;
+    memcpy(&ix, &x, sizeof ix);
+    float e = (float)((int32_t)((ix >> 23) & 0xff) - 126);
+    ix = (ix & 0x007fffffu) | 0x3f000000u; /* mantissa in [0.5, 1) */
+    float m;
+    memcpy(&m, &ix, sizeof m);
+    const int small = m < 0.707106781186547524f;
+    e = small ? e - 1.0f : e;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292E-2f;
+    y = y * m - 1.1514610310E-1f;
+    y = y * m + 1.1676998740E-1f;
+    y = y * m - 1.2420140846E-1f;
+    y = y * m + 1.4249322787E-1f;
+    y = y * m - 1.6668057665E-1f;
+    y = y * m + 2.0000714765E-1f;
+    y = y * m - 2.4999993993E-1f;
+    y = y * m + 3.3333331174E-1f;
+    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+    return (m + y) + 0.693359375f * e;
+}
+
+/* torch's softplus: v above 20, else log1p(exp(v)) = max(v, 0) + log1p(exp(-|v|)), with
+ * log1p(q) = log(1 + q) * q / ((1 + q) - 1). */
+static inline float ss_softplusf(float v) {
+    const float q = ss_expf(-fabsf(v)), u = 1.0f + q;
+    const float l1p = u == 1.0f ? q : ss_logf(u) * (q / (u - 1.0f));
+    return v > 20.0f ? v : (v > 0.0f ? v : 0.0f) + l1p;
+}
+
+static inline double ss_softplus(double v) { return v > 20.0 ? v : log1p(exp(v)); }
+
 /* ---------------------------------------------------------------- threads */
 
 typedef void (*ss_range_fn)(void *ctx, int64_t begin, int64_t end);
@@ -150,8 +189,9 @@ static void *ss_worker(void *arg) {
     }
 }
 
-/* Run fn over [0, ntasks) on nthreads threads (this one included), about 8 ranges per thread handed out on
- * demand; every task runs once, each on its own, so the results do not depend on the split. */
+/* Run fn over [0, ntasks) on nthreads threads (this one included), about 8 ranges per thread
+ * handed out on demand; every task runs once, each on its own, so the results do not depend
+ * on the split. */
 static void ss_parallel_for(int nthreads, int64_t ntasks, ss_range_fn fn, void *ctx) {
     if (ntasks <= 0) return;
     if (nthreads > ntasks) nthreads = (int)ntasks;
@@ -190,6 +230,12 @@ typedef struct {
     int64_t L, dim, width;
 } ss_conv_args;
 
+typedef struct {
+    const void *x, *w, *bias;
+    void *out;
+    int64_t x_stride, rank, dim;
+} ss_dt_args;
+
 typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 
 /* ------------------------------------------------ instantiate per variant */
@@ -200,18 +246,22 @@ typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 #define T float
 #define SS_SUFFIX f32
 #define EXP ss_expf
+#define SOFTPLUS ss_softplusf
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 
 #define T double
 #define SS_SUFFIX f64
 #define EXP ss_exp
+#define SOFTPLUS ss_softplus
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 #undef SS_TARGET
 
 #ifdef SS_HAVE_AVX2_CLONE
@@ -219,18 +269,22 @@ typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 #define T float
 #define SS_SUFFIX f32_avx2
 #define EXP ss_expf
+#define SOFTPLUS ss_softplusf
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 
 #define T double
 #define SS_SUFFIX f64_avx2
 #define EXP ss_exp
+#define SOFTPLUS ss_softplus
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 #undef SS_TARGET
 
 static int ss_use_avx2(void) {
@@ -306,14 +360,24 @@ SS_ENTRY(f32)
 SS_ENTRY(f64)
 SS_LAST_ENTRY(f32)
 SS_LAST_ENTRY(f64)
+#define SS_DT_ENTRY(suf)                                                                     \
+    SS_EXPORT void m2rec_dt_softplus_##suf(const void *x, int64_t x_stride, const void *w,  \
+                                           const void *bias, int64_t rows, int64_t rank,     \
+                                           int64_t dim, void *out, int nthreads) {           \
+        ss_dt_args a = {x, w, bias, out, x_stride, rank, dim};                               \
+        ss_parallel_for(nthreads, rows, SS_PICK(ss_dt_softplus_range, suf), &a);             \
+    }
+
 SS_CONV_ENTRY(f32)
 SS_CONV_ENTRY(f64)
+SS_DT_ENTRY(f32)
+SS_DT_ENTRY(f64)
 
 /* 1 if the AVX2+FMA variants are in use. */
 SS_EXPORT int m2rec_ss_uses_avx2(void) { return ss_use_avx2(); }
 
 /* Version tag, bumped when the ABI of the entry points changes. */
-SS_EXPORT int m2rec_ss_abi_version(void) { return 4; }
+SS_EXPORT int m2rec_ss_abi_version(void) { return 5; }
 
 #else /* ================================================= SS_TEMPLATE_PASS */
 
@@ -412,7 +476,8 @@ SS_TARGET static void SUF(ss_fwd_range)(void *vctx, int64_t begin, int64_t end) 
     free(h);
 }
 
-/* Rows (b, t) of the causal depthwise conv + SiLU: out = silu(bias + sum_k w[k] * x[t - (width-1-k)]). */
+/* Rows (b, t) of the causal depthwise conv + SiLU:
+ * out = silu(bias + sum_k w[k] * x[t - (width-1-k)]). */
 SS_TARGET static void SUF(ss_conv_silu_range)(void *vctx, int64_t begin, int64_t end) {
     const ss_conv_args *a = (const ss_conv_args *)vctx;
     const int64_t L = a->L, dim = a->dim, K = a->width;
@@ -431,6 +496,27 @@ SS_TARGET static void SUF(ss_conv_silu_range)(void *vctx, int64_t begin, int64_t
         }
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / ((T)1 + EXP(-o[d]));
+    }
+}
+
+/* Rows (b, t) of the time steps: out = softplus(bias + W x_r), W as (rank, dim). */
+SS_TARGET static void SUF(ss_dt_softplus_range)(void *vctx, int64_t begin, int64_t end) {
+    const ss_dt_args *a = (const ss_dt_args *)vctx;
+    const int64_t R = a->rank, dim = a->dim;
+    const T *w = (const T *)a->w, *bias = (const T *)a->bias;
+    for (int64_t row = begin; row < end; ++row) {
+        const T *xr = (const T *)a->x + row * a->x_stride;
+        T *restrict o = (T *)a->out + row * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = bias ? bias[d] : (T)0;
+        for (int64_t r = 0; r < R; ++r) {
+            const T xv = xr[r];
+            const T *restrict wr = w + r * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) o[d] += wr[d] * xv;
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = SOFTPLUS(o[d]);
     }
 }
 
