@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,15 @@ from m2rec.data.errors import DataError
 from m2rec.model.factory import load_model, read_model_config
 from m2rec.model.files import ITEMS_FILE
 from m2rec.training.batching import pad_right
+
+log = logging.getLogger(__name__)
+CATALOG_SYNC_INTERVAL_S = 1.0  # how stale a worker's view of items added elsewhere may get
+
+
+class TextUnsupported(DataError):
+    """The model has no text branch, so an item cannot be placed by its text."""
+
+    http_status = 409
 
 
 @dataclass
@@ -44,6 +55,58 @@ class Recommender:
         self.popular_order = np.argsort(-counts, kind="stable") + 1  # item_idx by popularity
         with torch.no_grad():  # fixed once loaded: computed once here, not for every batch
             self.item_matrix = self.model.item_representations().detach()  # (I+1, H)
+        # Set by a server whose catalog grows while it serves (m2rec.serving.items): brings in items added
+        # elsewhere; called when an unknown item id arrives, and before ranking at most every interval.
+        self.sync_catalog: Callable[[], object] | None = None
+        self._synced_at = -float("inf")
+
+    @property
+    def text_model(self) -> str | None:
+        """The text encoder the model was trained with; None for a model without a text branch."""
+        has_text = isinstance(getattr(self.model, "item_text", None), torch.Tensor)
+        return self.config.get("text_model") if has_text else None
+
+    def require_text_branch(self) -> None:
+        """Raise `TextUnsupported` unless the model can place items by their text."""
+        if self.text_model is None:
+            raise TextUnsupported(f"model {self.config['model_type']} has no text branch (use_text false), so text "
+                                  "cannot place a new item", "serve an M2Rec model with use_text true, or add the "
+                                  "item to the source and retrain")
+
+    def add_items(self, item_ids: Sequence[str], text_embeddings: np.ndarray, titles: Sequence[str]) -> list[int]:
+        """Add items the model was not trained on, placed by their text alone: the next item indices, a zero ID
+        embedding (the model learned none) and the text embedding (N, T) from the model's encoder; returns their
+        item indices. Raises `TextUnsupported` for a model without a text branch."""
+        self.require_text_branch()
+        known = [i for i in item_ids if i in self.index_of]
+        if known or len(set(item_ids)) != len(item_ids):
+            raise DataError(f"item_id {(known or list(item_ids))[:5]} already in the catalog", "add new ids once")
+        model, count = self.model, len(item_ids)
+        weight, item_text = model.item_embedding.weight, getattr(model, "item_text")  # (I+1, H), (I+1, T)
+        text = torch.as_tensor(text_embeddings, dtype=item_text.dtype, device=self.device)  # (N, T)
+        with torch.no_grad():
+            model.item_embedding.weight = torch.nn.Parameter(torch.cat([weight, weight.new_zeros(count,
+                                                                                               weight.shape[1])]))
+            model.item_embedding.num_embeddings += count
+            model.item_text = torch.cat([item_text, text])  # (I+N+1, T)
+            model.num_items += count
+            self.item_matrix = model.item_representations().detach()  # (I+N+1, H)
+        first = len(self.item_ids)
+        self.item_ids = np.concatenate([self.item_ids, np.array(list(item_ids), dtype=object)])
+        self.titles = np.concatenate([self.titles, np.array(list(titles), dtype=object)])
+        self.index_of.update({item_id: first + i for i, item_id in enumerate(item_ids)})
+        self.popular_order = np.concatenate([self.popular_order, np.arange(first, first + count)])  # no count yet
+        return list(range(first, first + count))
+
+    def _sync(self, now: bool) -> None:
+        """Bring in items added elsewhere: `now`, or if the last look is older than the interval."""
+        if self.sync_catalog is None or not (now or time.monotonic() - self._synced_at >= CATALOG_SYNC_INTERVAL_S):
+            return
+        self._synced_at = time.monotonic()
+        try:
+            self.sync_catalog()
+        except Exception:  # the items table is unreachable: rank with the catalog as it is, retry next interval
+            log.exception("catalog sync failed; serving %d items as they are", self.num_items)
 
     @property
     def num_items(self) -> int:
@@ -52,6 +115,9 @@ class Recommender:
     def to_indices(self, item_ids: Sequence[str], field: str = "item_ids") -> list[int]:
         """Original item ids -> item indices; unknown ids raise a DataError naming them."""
         unknown = [i for i in item_ids if str(i) not in self.index_of]
+        if unknown:  # perhaps added by another worker a moment ago
+            self._sync(now=True)
+            unknown = [i for i in unknown if str(i) not in self.index_of]
         if unknown:
             raise DataError(f"{field} has {len(unknown)} unknown item id(s): {unknown[:5]}",
                             "send ids of items in the model's catalog")
@@ -65,6 +131,7 @@ class Recommender:
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True
                   ) -> list[Recommendation]:
         """Top-k for each history of item indices (oldest first); empty histories get popular items."""
+        self._sync(now=False)
         self._check_k(k)
         results: list[Recommendation | None] = [None] * len(histories)
         rows = [i for i, h in enumerate(histories) if len(h) > 0]

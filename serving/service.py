@@ -1,9 +1,10 @@
 """M2Rec online service (BentoML), thin over `m2rec.serving`.
 
 Endpoints: `POST /recommend`, `POST /recommend_by_history`, `POST /events` (one event), `POST /events_batch` (a list,
-all or none), `POST /reload` (check the registry now; needs `Authorization: Bearer $M2REC_RELOAD_TOKEN`), plus
-BentoML's `/healthz`, `/readyz` (JSON: the version serving, the follower's last error), `/metrics` and the OpenAPI
-docs at `/` and `/docs.json`. Each worker loads the model once; concurrent requests are ranked in adaptive batches
+all or none), `POST /reload` (check the registry now; needs `Authorization: Bearer $M2REC_RELOAD_TOKEN`),
+`POST /items` (a new item by its text; needs `Authorization: Bearer $M2REC_ITEMS_TOKEN`), plus BentoML's `/healthz`,
+`/readyz` (JSON: the version serving, the follower's last error), `/metrics` and the OpenAPI docs at `/` and
+`/docs.json`. Each worker loads the model once; concurrent requests are ranked in adaptive batches
 (one feature lookup and one model call per batch) on one model thread, so the event loop keeps parsing requests
 meanwhile. Batching happens in the serving process rather than through a `batchable` dependency service:
 BentoML 1.4.40's inter-service client closes its session every 100 requests with calls still in flight, which fail
@@ -15,8 +16,8 @@ with. Events are recorded in the event log (durable and applied once before the 
 retraining. Configuration: what `m2rec package` recorded, overridden by MLFLOW_TRACKING_URI (or M2REC_TRACKING_URI),
 M2REC_FEATURE_ROOT, M2REC_EVENTS_URL, M2REC_FOLLOW_ALIAS ("" pins the packaged version), M2REC_POLL_SECONDS,
 M2REC_MODEL_CACHE, M2REC_FEATURE_REPO (a repository for the packaged version), M2REC_RECURRENT (1/0: rank users from
-recurrent states, or re-encode), M2REC_STATE_PRECISION (float32/float16). Secrets (PGPASSWORD,
-M2REC_RELOAD_TOKEN, a Redis password) come from the environment only. Workers:
+recurrent states, or re-encode), M2REC_STATE_PRECISION (float32/float16). Secrets (PGPASSWORD, M2REC_RELOAD_TOKEN,
+M2REC_ITEMS_TOKEN, a Redis password) come from the environment only. Workers:
 `BENTOML_CONFIG_OPTIONS='services.m2rec_service.workers=2'`; `M2REC_TORCH_THREADS` (default 1) model threads per
 worker; `M2REC_MAX_BATCH` (default 64) caps a batch.
 
@@ -37,6 +38,7 @@ from pydantic import BaseModel
 
 from m2rec.serving.batching import AdaptiveBatcher
 from m2rec.serving.http import BodySizeLimit, ReadinessDetails, failure_response, token_failure
+from m2rec.serving.items import ItemText, ItemTitle
 from m2rec.serving.schemas import (EventBatch, EventId, EventIn, EventResponse, EventsResponse, EventTime,
                                    ExcludeSeen, History, ItemId, RankQuery, RecommendResponse, TopK, UserId)
 
@@ -132,6 +134,23 @@ class M2RecService:
             ctx.response.status_code = failure.status  # a dict endpoint: the status goes through the context
             return failure.body()
         return await asyncio.get_running_loop().run_in_executor(None, self.follower.check)
+
+    @bentoml.api
+    async def items(self, ctx: bentoml.Context, item_id: ItemId, text: ItemText, title: ItemTitle = None
+                    ) -> dict:
+        """Add a new item by its text: placed by the model's text projection, recommendable at once (every worker
+        within a second), kept in the event log for the next retraining. Needs `Authorization: Bearer
+        <M2REC_ITEMS_TOKEN>`; a model without a text branch answers 409."""
+        failure = token_failure(ctx.request.headers, os.environ.get("M2REC_ITEMS_TOKEN"), "M2REC_ITEMS_TOKEN",
+                                "adding items")
+        if failure is None:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, lambda: self.follower.current.add_item(item_id, text, title))
+            if result.failure is None:
+                return result.response.model_dump()
+            failure = result.failure
+        ctx.response.status_code = failure.status  # a dict endpoint: the status goes through the context
+        return failure.body()
 
     @bentoml.on_shutdown
     def _stop_following(self) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from m2rec.data.errors import DataError
 from m2rec.data.schema import RawDataset
-from m2rec.events.log import Event, EventConflict, EventLog, public_url
+from m2rec.events.log import Event, EventConflict, EventLog, ItemConflict, public_url
 from m2rec.events.retraining import merge_logged_events
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -91,9 +91,47 @@ def test_retraining_merges_events_up_to_the_cutoff(tmp_path):
                                    "timestamp": pd.to_datetime(["2025-01-01"], utc=True)}),
                      pd.DataFrame({"item_id": ["a", "b"], "text": ["A", "B"]}), "test")
     merged, facts = merge_logged_events(raw, log)
-    assert facts == {"log": log.url, "through_seq": 3, "merged": 2, "unknown_items": 1, "users": 2}
+    assert facts == {"log": log.url, "through_seq": 3, "merged": 2, "unknown_items": 1, "users": 2,
+                     "added_items": 0}
     assert merged.interactions[["user_id", "item_id"]].values.tolist() == [["old", "a"], ["new", "a"], ["old", "b"]]
     assert str(merged.interactions["timestamp"].dtype) == "datetime64[ns, UTC]"
+
+
+def _add_item(url: str, item_id: str) -> bool:
+    """One worker process adding `item_id`: True if it was the one that added it."""
+    try:
+        EventLog(url).add_item(item_id, f"text of {item_id}", item_id)
+        return True
+    except ItemConflict:
+        return False
+
+
+def test_an_item_is_added_once_whichever_worker_adds_it_and_read_in_seq_order(log_url):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        won = pool.starmap(_add_item, [(log_url, f"item{i % 3}") for i in range(12)])
+    assert sum(won) == 3
+    log = EventLog(log_url)
+    with pytest.raises(ItemConflict, match="item_id 'item0' was added already"):
+        log.add_item("item0", "other text", "x")
+    items = log.items_after(0)
+    assert sorted(i.item_id for i in items) == ["item0", "item1", "item2"]
+    assert [i.seq for i in items] == sorted(i.seq for i in items)
+    assert [i.item_id for i in log.items_after(items[0].seq)] == [i.item_id for i in items[1:]]
+    assert items[0].text == f"text of {items[0].item_id}"
+
+
+def test_retraining_takes_the_added_items_and_their_events(tmp_path):
+    log = EventLog(f"sqlite:///{tmp_path / 'events.db'}")
+    log.add_item("c", "a new item C", "C")
+    log.add_item("a", "a second text for A", "A2")  # the source has "a": its row stays
+    log.append([Event("u", "c", T0), Event("u", "a", T0 + timedelta(hours=1))])
+    raw = RawDataset(pd.DataFrame({"user_id": ["u"], "item_id": ["a"],
+                                   "timestamp": pd.to_datetime(["2025-01-01"], utc=True)}),
+                     pd.DataFrame({"item_id": ["a", "b"], "text": ["A", "B"]}), "test")
+    merged, facts = merge_logged_events(raw, log)
+    assert merged.items.values.tolist() == [["a", "A"], ["b", "B"], ["c", "a new item C"]]
+    assert facts["added_items"] == 1 and facts["merged"] == 2 and facts["unknown_items"] == 0
+    assert merged.interactions["item_id"].tolist() == ["a", "c", "a"]
 
 
 def test_bad_urls_and_passwords():

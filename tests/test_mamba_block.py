@@ -193,3 +193,19 @@ def test_cuda_mamba_ssm_path_matches_cpu_and_loads_mamba_ssm_state_dict():
         for t in range(5):
             y, conv_state, ssm_state = ours_cuda.step(x[:, t : t + 1].cuda(), conv_state, ssm_state)
             torch.testing.assert_close(y[:, 0].cpu(), cpu_out[:, t], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_last_equals_the_full_pass_at_the_last_position(backend, dtype):
+    """Inference (no autograd: the last-position kernel) and training (autograd) both match the full pass."""
+    from m2rec.model.base import gather_last
+
+    torch.manual_seed(0)
+    block = Mamba(d_model=16, d_state=8, d_conv=4, expand=2, bias=True).to(dtype)
+    x = torch.randn(4, 13, 16, dtype=dtype)
+    lengths = torch.tensor([13, 7, 1, 3])
+    expected = gather_last(block(x), lengths)  # (B, 1, d_model)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(block.forward_last(x, lengths), expected, **tol)
+    torch.testing.assert_close(block.forward_last(x, lengths), expected, **tol)

@@ -355,3 +355,60 @@ def test_mamba_ssm_cuda_matches_cpu():
                                     delta_softplus=True, return_last_state=True)
     assert rel_err(last_gpu.cpu(), last_cpu) < 1e-4
     assert_close_all(got, want, 1e-3, "mamba_ssm")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_last_position_scan_equals_the_full_scan_there(dtype):
+    """The inference kernel reads channel-last inputs and column slices of one B|C tensor in place, stops at each
+    row's position and gives the full scan's output there; with gradients needed it falls back, same values."""
+    x = make_inputs(dtype, b=3, d=8, n=6, L=21, use_D=False, use_z=False, use_bias=False, softplus=False)
+    u, delta = x["u"].transpose(1, 2).contiguous(), x["delta"].transpose(1, 2).contiguous()  # (b, L, d)
+    bc = torch.cat([x["B"], x["C"]], 1).transpose(1, 2).contiguous()  # (b, L, 2n): slices share a row stride
+    B, C = bc[..., :6], bc[..., 6:]
+    positions = torch.tensor([20, 0, 9])
+    full = ss.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="c")  # (b, d, L)
+    expected = full[torch.arange(3), :, positions]  # (b, d)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B, C, positions), expected, **tol)
+        torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B.contiguous(), C, positions), expected,
+                                   **tol)
+    u.requires_grad_(True)
+    torch.testing.assert_close(ss.selective_scan_last(u, delta, x["A"], B, C, positions), expected, **tol)
+    with pytest.raises(ValueError, match="positions must be in"), torch.no_grad():
+        ss.selective_scan_last(u, delta, x["A"], B, C, torch.tensor([21, 0, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_causal_conv_silu_equals_torch_conv1d(dtype, with_bias):
+    """The channel-last conv + SiLU (C kernel without autograd, shifted multiply-adds with it) equals SiLU of
+    F.conv1d on the transposed, left-padded input, sequences shorter than the kernel included."""
+    torch.manual_seed(0)
+    for length in (1, 2, 17):
+        x = torch.randn(3, length, 8, dtype=dtype)  # (batch, L, d_inner)
+        weight, bias = torch.randn(8, 4, dtype=dtype), torch.randn(8, dtype=dtype) if with_bias else None
+        expected = torch.nn.functional.silu(torch.nn.functional.conv1d(
+            torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), weight.unsqueeze(1), bias, groups=8)).transpose(1, 2)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(ss.causal_conv_silu(x, weight, bias), expected, **tol)
+        torch.testing.assert_close(ss.causal_conv_silu(x.requires_grad_(True), weight, bias), expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_time_steps_equal_softplus_of_dt_proj(dtype):
+    """softplus(dt_proj(x)) in one pass (C kernel, reading a column slice of x_proj's output in place) equals
+    torch's, over the whole range of softplus (its threshold at 20 included); with gradients it is torch's."""
+    torch.manual_seed(0)
+    x_dbl = torch.randn(3, 17, 12, dtype=dtype) * 4  # (batch, L, dt_rank + 2*d_state)
+    weight, bias = torch.randn(8, 4, dtype=dtype) * 3, torch.randn(8, dtype=dtype)
+    expected = torch.nn.functional.softplus(torch.nn.functional.linear(x_dbl[..., :4], weight, bias))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(ss.time_steps(x_dbl[..., :4], weight, bias), expected, **tol)
+        values = torch.linspace(-60, 60, 10_001, dtype=dtype).view(1, -1, 1)
+        torch.testing.assert_close(ss.time_steps(values, torch.ones(1, 1, dtype=dtype), None),
+                                   torch.nn.functional.softplus(values), **tol)
+    torch.testing.assert_close(ss.time_steps(x_dbl[..., :4], weight.requires_grad_(True), bias), expected, **tol)

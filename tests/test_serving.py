@@ -29,6 +29,7 @@ from m2rec.serving.schemas import MAX_HISTORY_ITEMS, EventIn, RankQuery
 from m2rec.stages.register import register
 
 RELOAD_TOKEN = "test-reload-token"
+ITEMS_TOKEN = "test-items-token"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def packaged(model_dir, tiny_synthetic, feature_build, events_url, workspace) ->
 def server(packaged, workspace) -> str:
     """`bentoml serve` of the Bento on a free local port; SIGTERM at the end."""
     env = {**os.environ, "BENTOML_HOME": packaged["bentoml_home"], "BENTOML_DO_NOT_TRACK": "true",
-           "M2REC_RELOAD_TOKEN": RELOAD_TOKEN}
+           "M2REC_RELOAD_TOKEN": RELOAD_TOKEN, "M2REC_ITEMS_TOKEN": ITEMS_TOKEN}
     for variable in ("M2REC_FEATURE_REPO", "M2REC_FEATURE_ROOT", "M2REC_EVENTS_URL", "MLFLOW_TRACKING_URI"):
         env.pop(variable, None)  # what `package` recorded is what the service uses
     with bentoml_serve(packaged["bento_tag"], env, workspace / "serve.log", cwd=workspace, ready_timeout_s=180) as url:
@@ -527,3 +528,24 @@ def test_the_follower_swaps_in_the_champion_keeps_the_old_on_failure_and_rolls_b
     # rolling back is moving the alias back
     MlflowClient(uri).set_registered_model_alias("m2rec", "champion", "1")
     assert follower.check()["model_version"] == "m2rec v1"
+
+
+def test_items_adds_an_item_that_recommend_and_events_take_at_once(server, users):
+    """Last in this file: the added item stays in the served catalog (and the shared event log)."""
+    item = {"item_id": "http-new-1", "text": "a brand-new item added over HTTP", "title": "New over HTTP"}
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        refused = requests.post(f"{server}/items", json=item, headers=headers, timeout=30)
+        assert refused.status_code == 401 and refused.json()["detail"][0]["loc"] == ["authorization"]
+    auth = {"Authorization": f"Bearer {ITEMS_TOKEN}"}
+    added = requests.post(f"{server}/items", json=item, headers=auth, timeout=120)
+    assert added.status_code == 200, added.text
+    count = added.json()["item_count"]
+    for body, status, field in [(item, 409, "item_id"), ({**item, "item_id": "http-new-2", "text": " "}, 400, "text")]:
+        refused = requests.post(f"{server}/items", json=body, headers=auth, timeout=30)
+        assert refused.status_code == status and refused.json()["detail"][0]["loc"] == [field], refused.text
+    ranked = post(server, "/recommend_by_history", {"item_ids": ["i00001", "i00002"], "k": count,
+                                                    "exclude_seen": False})
+    assert ranked.status_code == 200 and "http-new-1" in [i["item_id"] for i in ranked.json()["items"]]
+    assert post(server, "/recommend_by_history", {"item_ids": ["http-new-1"], "k": 3}).status_code == 200
+    event = post(server, "/events", {"user_id": users[6], "item_id": "http-new-1"})
+    assert event.status_code == 200 and event.json()["item_id"] == "http-new-1", event.text

@@ -1,4 +1,5 @@
-"""A durable, append-only log of served events in SQLite (default, one machine) or PostgreSQL (replicas).
+"""A durable, append-only log of served events and added items in SQLite (default, one machine) or PostgreSQL
+(replicas).
 
 Guarantees, for every backend:
 - durable before the reply: `append` returns only after its transaction committed (SQLite: WAL with
@@ -9,7 +10,9 @@ Guarantees, for every backend:
   lock that waits for writers in flight), so "every event with seq <= cutoff" is a clean cut for retraining and
   "seq > a build's cutoff" is exactly what that build has not seen;
 - per-user serialization: `append`'s `before_commit` hook runs with the affected users locked, so a derived value
-  written there (a user's online sequence) is never overwritten by a stale one.
+  written there (a user's online sequence) is never overwritten by a stale one;
+- items (`add_item`): durable before the reply, one row per item id (a second add of an id, from any worker, is
+  refused), `seq` growing in commit order like events', so a worker reads what it has not seen with `items_after`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ CREATE TABLE IF NOT EXISTS m2rec_events (
 )"""
 USER_INDEX = "CREATE INDEX IF NOT EXISTS m2rec_events_user_seq ON m2rec_events (user_id, seq)"
 COLUMNS = "seq, event_id, user_id, item_id, event_time_us, received_time_us"
+ITEMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS m2rec_items (
+    seq {serial} PRIMARY KEY,
+    item_id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    title TEXT NOT NULL,
+    added_time_us BIGINT NOT NULL
+)"""
+ITEM_COLUMNS = "seq, item_id, text, title, added_time_us"
 
 
 @dataclass
@@ -85,12 +97,27 @@ class Appended:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class LoggedItem:
+    """An item added while serving, as stored."""
+
+    seq: int
+    item_id: str
+    text: str
+    title: str
+    added: datetime
+
+
 Tail = Callable[[Sequence[str], int], dict[str, list[LoggedEvent]]]
 BeforeCommit = Callable[[list[Appended], Tail], None]
 
 
 class EventConflict(DataError):
     """An `event_id` already names a different event."""
+
+
+class ItemConflict(DataError):
+    """An item id is in the log already."""
 
 
 def public_url(url: str) -> str:
@@ -114,6 +141,11 @@ def _datetime(micros: int) -> datetime:
 def _logged(row: Sequence) -> LoggedEvent:
     seq, event_id, user_id, item_id, event_us, received_us = row
     return LoggedEvent(int(seq), event_id, user_id, item_id, _datetime(int(event_us)), _datetime(int(received_us)))
+
+
+def _logged_item(row: Sequence) -> LoggedItem:
+    seq, item_id, text, title, added_us = row
+    return LoggedItem(int(seq), item_id, text, title, _datetime(int(added_us)))
 
 
 class EventLog:
@@ -229,6 +261,27 @@ class EventLog:
             "timestamp": pd.to_datetime(frame["event_time_us"].astype("int64"), unit="us", utc=True),
         })
 
+    def add_item(self, item_id: str, text: str, title: str) -> LoggedItem:
+        """Store a new item (committed before this returns); an id the log holds already raises `ItemConflict`,
+        also when two workers add it at once."""
+        now = _micros(datetime.now(timezone.utc))
+        with self._backend.transaction() as cursor:
+            self._backend.lock_items(cursor)
+            cursor.execute(self._backend.sql(
+                f"INSERT INTO m2rec_items (item_id, text, title, added_time_us) VALUES (?, ?, ?, ?) "
+                f"ON CONFLICT (item_id) DO NOTHING RETURNING {ITEM_COLUMNS}"), (item_id, text, title, now))
+            row = cursor.fetchone()
+        if row is None:
+            raise ItemConflict(f"item_id {item_id!r} was added already", "add each new item once, with a new id")
+        return _logged_item(row)
+
+    def items_after(self, after_seq: int) -> list[LoggedItem]:
+        """Items added with seq > `after_seq`, in seq order (`items_after(0)`: every added item)."""
+        with self._backend.transaction() as cursor:
+            cursor.execute(self._backend.sql(f"SELECT {ITEM_COLUMNS} FROM m2rec_items WHERE seq > ? ORDER BY seq"),
+                           (after_seq,))
+            return [_logged_item(row) for row in cursor.fetchall()]
+
 
 class _Backend:
     """One database behind the log; a connection per thread and process (neither sqlite3 nor psycopg2 connections
@@ -255,6 +308,10 @@ class _Backend:
     def create(self, cursor) -> None:
         cursor.execute(SCHEMA.format(serial=self.serial))
         cursor.execute(USER_INDEX)
+        cursor.execute(ITEMS_SCHEMA.format(serial=self.serial))
+
+    def lock_items(self, cursor) -> None:
+        """Serialize item inserts so that their seq follows commit order (SQLite's writer lock does already)."""
 
     @contextmanager
     def transaction(self, lock_users: Sequence[str] = (), quiesce: bool = False, schema: bool = False
@@ -309,6 +366,9 @@ class _Postgres(_Backend):
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
+
+    def lock_items(self, cursor) -> None:
+        cursor.execute("LOCK TABLE m2rec_items IN EXCLUSIVE MODE")  # readers (ACCESS SHARE) still read
 
     def _open(self):
         import psycopg2

@@ -41,9 +41,10 @@ class MambaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, H) -> (B, L, H); with `lengths`, only each row's last real position -> (B, 1, H)."""
-        hidden = self.dropout(self.mamba(x))
-        if lengths is not None:  # the feed-forward is position-wise: run it where the output is used
-            hidden, x = gather_last(hidden, lengths), gather_last(x, lengths)
+        if lengths is None:
+            hidden = self.dropout(self.mamba(x))
+        else:  # everything after the scan is position-wise: run it where the output is used
+            hidden, x = self.dropout(self.mamba.forward_last(x, lengths)), gather_last(x, lengths)
         return self._after_mamba(hidden, x)
 
     def _after_mamba(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec.model.selective_scan import selective_scan, selective_scan_step
+from m2rec.model.base import gather_last
+from m2rec.model.selective_scan import (causal_conv_silu, selective_scan, selective_scan_last, selective_scan_step,
+                                        time_steps)
 
 __all__ = ["Mamba"]
 
@@ -181,6 +183,27 @@ class Mamba(nn.Module):
             return self._forward_cuda_fused(hidden_states)
         out, new_state = self._forward_scan(hidden_states, state, return_state)
         return (out, new_state) if return_state else out  # type: ignore[return-value]
+
+    def forward_last(self, hidden_states: Tensor, lengths: Tensor) -> Tensor:
+        """The output at each row's last real position only: (B, L, d_model), (B,) -> (B, 1, d_model), equal to
+        ``gather_last(self(hidden_states), lengths)`` within float tolerance. The conv and the scan run up to that
+        position in channel-last layout (no transposes), the scan forms y there only, and the position-wise rest
+        (the z half of in_proj, the D skip, the silu(z) gate, out_proj) runs at that one position."""
+        if self._use_cuda_fast_path(hidden_states):
+            return gather_last(self._forward_cuda_fused(hidden_states), lengths)
+        in_x, in_z = self.in_proj.weight.chunk(2, dim=0)  # (d_inner, d_model) each
+        bias_x, bias_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+        x = F.linear(hidden_states, in_x, bias_x)  # (B, L, d_inner)
+        x = causal_conv_silu(x, self._conv_weight(), self.conv1d.bias)  # (B, L, d_inner)
+        x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2*d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = time_steps(dt, self.dt_proj.weight, self.dt_proj.bias)  # (B, L, d_inner), final time steps
+        last = (lengths - 1).clamp_min(0)  # (B,)
+        y_last = selective_scan_last(x, dt, self._A(), B, C, last)  # (B, d_inner), without the D skip and the gate
+        x_last = x[torch.arange(len(x), device=x.device), last]  # (B, d_inner)
+        z_last = F.linear(gather_last(hidden_states, lengths).squeeze(1), in_z, bias_z)  # (B, d_inner)
+        y_last = (y_last + x_last * self.D.to(_param_dtype(self.D))) * self.act(z_last)
+        return self.out_proj(y_last.to(hidden_states.dtype)).unsqueeze(1)  # (B, 1, d_model)
 
     def _forward_cuda_fused(self, hidden_states: Tensor) -> Tensor:
         """mamba_ssm's fused conv + scan + projections (CUDA only)."""

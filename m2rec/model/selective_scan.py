@@ -53,7 +53,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,9 @@ __all__ = [
     "selective_scan_reference",
     "selective_scan_torch",
     "selective_scan_step",
+    "selective_scan_last",
+    "causal_conv_silu",
+    "time_steps",
     "kernel_available",
     "load_kernel",
     "resolve_backend",
@@ -83,7 +86,7 @@ KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "selective_scan.c"
 CFLAGS: Tuple[str, ...] = (
     "-O3", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC", "-pthread"
 )
-_ABI_VERSION = 2
+_ABI_VERSION = 5
 
 ScanResult = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -419,6 +422,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         # gy, glast, groups, gu, gdt, gA_part, gBt_part, gCt_part, gh0, nthreads
         bwd.argtypes = common + [vp, vp, i64] + [vp] * 6 + [ci]
         bwd.restype = ci
+        last = getattr(lib, f"m2rec_ss_last_{suf}")
+        # u, dt, A, Bt, Ct, bc_stride, pos, batch, dim, dstate, L, y, nthreads
+        last.argtypes = [vp] * 5 + [i64, vp] + [i64] * 4 + [vp, ci]
+        last.restype = ci
+        conv = getattr(lib, f"m2rec_conv_silu_{suf}")
+        conv.argtypes = [vp] * 3 + [i64] * 4 + [vp, ci]  # x, w, bias, batch, L, dim, width, out, nthreads
+        conv.restype = None
+        steps = getattr(lib, f"m2rec_dt_softplus_{suf}")
+        # x, x_stride, w, bias, rows, rank, dim, out, nthreads
+        steps.argtypes = [vp, i64, vp, vp] + [i64] * 3 + [vp, ci]
+        steps.restype = None
     for name in ("m2rec_ss_abi_version", "m2rec_ss_uses_avx2"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = ci
@@ -654,6 +668,101 @@ def selective_scan(
         assert fn is not None
         return fn(*args)
     return selective_scan_torch(*args, initial_state=initial_state)
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """SiLU of Mamba's causal depthwise conv1d on channel-last input, for inference: x (batch, L, d_inner),
+    weight (d_inner, width), bias (d_inner,) or None -> (batch, L, d_inner); what ``F.conv1d`` on the transposed,
+    left-padded input computes. One fused pass in the C kernel; torch's shifted multiply-adds when gradients are
+    needed or the kernel is unavailable."""
+    width = weight.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if resolve_backend(x.device) != "c" or needs_grad or x.dtype not in (torch.float32, torch.float64):
+        out = x * weight[:, -1] if bias is None else torch.addcmul(bias, x, weight[:, -1])
+        for shift in range(1, min(width, x.shape[1])):  # tap width-1-shift multiplies the input shift steps back
+            out[:, shift:].addcmul_(x[:, :-shift], weight[:, -1 - shift])
+        return F.silu(out)
+    batch, L, dim = x.shape
+    x, taps = x.contiguous(), weight.to(x.dtype).t().contiguous()  # (width, d_inner)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    out = torch.empty_like(x)
+    lib = load_kernel()
+    fn = lib.m2rec_conv_silu_f64 if x.dtype == torch.float64 else lib.m2rec_conv_silu_f32
+    fn(_ptr(x), _ptr(taps), _ptr(bias), batch, L, dim, width, _ptr(out), torch.get_num_threads())
+    return out
+
+
+def time_steps(dt_low_rank: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Mamba's final time steps for inference, softplus(dt_proj(dt_low_rank)): dt_low_rank (batch, L, dt_rank) (a
+    column slice of x_proj's output is read in place), weight (d_inner, dt_rank), bias (d_inner,) or None ->
+    (batch, L, d_inner). One fused pass in the C kernel; torch when gradients are needed or the kernel is
+    unavailable."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (dt_low_rank, weight, bias))
+    batch, L, rank = dt_low_rank.shape
+    in_place = dt_low_rank.stride(2) == 1 and dt_low_rank.stride(0) == L * dt_low_rank.stride(1)
+    if (resolve_backend(dt_low_rank.device) != "c" or needs_grad or not in_place
+            or dt_low_rank.dtype not in (torch.float32, torch.float64)):
+        return F.softplus(F.linear(dt_low_rank, weight, bias))
+    dim, dtype = weight.shape[0], dt_low_rank.dtype
+    taps = weight.to(dtype).t().contiguous()  # (dt_rank, d_inner)
+    bias = None if bias is None else bias.to(dtype).contiguous()
+    out = dt_low_rank.new_empty(batch, L, dim)
+    lib = load_kernel()
+    fn = lib.m2rec_dt_softplus_f64 if dtype == torch.float64 else lib.m2rec_dt_softplus_f32
+    fn(_ptr(dt_low_rank), dt_low_rank.stride(1), _ptr(taps), _ptr(bias), batch * L, rank, dim, _ptr(out),
+       torch.get_num_threads())
+    return out
+
+
+def _bc_rows(B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """B and C (batch, L, d_state) as the kernel reads them: rows of d_state values at a common row stride
+    (column slices of one (batch, L, S) tensor qualify as they are); copied only when they do not."""
+    batch, L, _ = B.shape
+    stride = B.stride(1)
+    if not (B.stride(2) == C.stride(2) == 1 and C.stride(1) == stride and B.stride(0) == C.stride(0) == L * stride):
+        B, C, stride = B.contiguous(), C.contiguous(), B.shape[2]
+    return B, C, stride
+
+
+def selective_scan_last(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    positions: Tensor,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """The scan's output at one position per row, for inference: ``selective_scan(u, delta, A, B, C)`` (no D, z,
+    bias or softplus: ``delta`` is final) at ``positions[b]`` of row b, in channel-last layout.
+
+    u, delta: (batch, L, d_inner); A: (d_inner, d_state); B, C: (batch, L, d_state) (column slices of one
+    tensor are read in place); positions: (batch,) in [0, L). Returns (batch, d_inner) in the compute dtype.
+    On the C backend the scan stops at each row's position and forms no other output; when gradients are needed
+    or another backend is chosen it runs :func:`selective_scan` and gathers.
+    """
+    batch, L, dim = u.shape
+    which = resolve_backend(u.device, backend)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    if which != "c" or needs_grad:
+        y = cast(Tensor, selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                                        C.transpose(1, 2), backend=backend))  # (batch, d_inner, L)
+        index = positions.view(-1, 1, 1).expand(-1, dim, 1)
+        return y.gather(2, index).squeeze(2).to(_compute_dtype(u, delta, A, B, C))
+    if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < L:
+        raise ValueError(f"positions must be in [0, {L}), got {positions.min()}..{positions.max()}")
+    cdt = _compute_dtype(u, delta, A, B, C)
+    u, delta, A = (t.to(cdt).contiguous() for t in (u, delta, A))  # (batch, L, d_inner), (d_inner, d_state)
+    B, C, stride = _bc_rows(B.to(cdt), C.to(cdt))
+    positions = positions.to(torch.int64).contiguous()
+    y = u.new_empty(batch, dim)
+    lib = load_kernel()
+    fn = lib.m2rec_ss_last_f64 if cdt == torch.float64 else lib.m2rec_ss_last_f32
+    if fn(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), stride, _ptr(positions), batch, dim, A.shape[1], L,
+          _ptr(y), torch.get_num_threads()) != 0:
+        raise MemoryError("selective-scan kernel could not allocate its work buffers")
+    return y
 
 
 # -------------------------------------------------------------------- decoding step

@@ -20,6 +20,7 @@ from m2rec.data.errors import DataError
 from m2rec.events.log import Event, EventConflict, EventLog, EventParams
 from m2rec.inference import Recommendation, Recommender
 from m2rec.model.base import RecurrentRecommender
+from m2rec.serving.items import ItemAdded, ItemResult, ServedCatalog, failure_of
 from m2rec.serving.schemas import (EventIn, EventResponse, EventsResponse, EventsResult, Failure, RankQuery,
                                    RankResult, RecommendedItem, RecommendResponse)
 from m2rec.serving.state_store import StoredState
@@ -118,6 +119,9 @@ class Ranker:
             self.states = self._open_states(state_precision)
         log.info("model %s loaded from %s: %d items, dataset %s", self.model_version, model_dir,
                  self.recommender.num_items, dataset_version)
+        self.catalog = None if events is None else ServedCatalog(self.recommender, events, self.features)
+        if self.catalog is not None:
+            self.catalog.sync()  # items added while an earlier version served
         self._warm_up()
 
     def _open_states(self, precision: StatePrecision):
@@ -271,3 +275,16 @@ class Ranker:
             user_id=r.event.user_id, item_id=r.event.item_id, timestamp=r.event.timestamp, event_id=r.event.event_id,
             seq=r.event.seq, duplicate=r.duplicate, sequence_length=lengths[r.event.user_id],
             model_version=self.model_version) for r in appended]))
+
+    def add_item(self, item_id: str, text: str, title: str | None = None) -> ItemResult:
+        """Add a new item by its text (durable in the event log, then in the served catalog), or say why not."""
+        if self.catalog is None:
+            return ItemResult(failure=Failure(status=UNAVAILABLE, field="item_id", message=(
+                "adding items is off: no event log is configured to keep them. Fix: set M2REC_EVENTS_URL")))
+        try:
+            item = self.catalog.add(item_id, text, title)
+        except DataError as err:
+            return ItemResult(failure=failure_of(err))
+        log.info("item %s added (seq %d): %d items", item.item_id, item.seq, self.recommender.num_items)
+        return ItemResult(response=ItemAdded(item_id=item.item_id, title=item.title, seq=item.seq,
+                                             item_count=self.recommender.num_items, model_version=self.model_version))

@@ -1,5 +1,5 @@
 """HTTP pieces of the service: refused requests as JSON responses, a request body size limit, /readyz details and
-the reload token check."""
+the token check of /reload and /items."""
 
 from __future__ import annotations
 
@@ -82,13 +82,14 @@ class ReadinessDetails:
         await self.app(scope, receive, send)
 
 
-def token_failure(headers: Mapping[str, str], expected: str | None) -> Failure | None:
-    """Why a request may not reload (None: it may): it needs `Authorization: Bearer <M2REC_RELOAD_TOKEN>`."""
+def token_failure(headers: Mapping[str, str], expected: str | None, variable: str = "M2REC_RELOAD_TOKEN",
+                  action: str = "reloading") -> Failure | None:
+    """Why a request may not do `action` (None: it may): it needs `Authorization: Bearer <$variable>`."""
     if not expected:
         return Failure(status=403, field="authorization", message=(
-            "reloading is disabled. Fix: set M2REC_RELOAD_TOKEN in the service's environment (a secret)"))
+            f"{action} is disabled. Fix: set {variable} in the service's environment (a secret)"))
     scheme, _, token = (headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
         return Failure(status=401, field="authorization", message=(
-            "missing or wrong reload token. Fix: send the header `Authorization: Bearer <M2REC_RELOAD_TOKEN>`"))
+            f"missing or wrong token. Fix: send the header `Authorization: Bearer <{variable}>`"))
     return None

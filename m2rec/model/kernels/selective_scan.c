@@ -22,11 +22,29 @@
  *   h0, last, glast, gh0, gA_part: (batch, dim, dstate)   (gA_part summed over batch by caller)
  * Optional pointers (h0, last, gy, glast, gh0) may be NULL.
  *
+ * Inference at one position per sequence (m2rec_ss_last_*): no states kept, no backward,
+ * only y at position pos[b] of each batch row (the scan stops there), channel-last inputs
+ * as the projections produce them:
+ *   u, dt                        : (batch, L, dim)
+ *   Bt, Ct                       : rows of dstate values, row (b, t) at (b*L + t)*bc_stride
+ *                                  (e.g. column slices of one (batch, L, bc_stride) tensor)
+ *   pos                          : (batch,) int64 in [0, L)
+ *   y                            : (batch, dim)
+ *
+ * The causal depthwise conv + SiLU in front of the scan (m2rec_conv_silu_*), channel-last:
+ *   x, out                       : (batch, L, dim)
+ *   w                            : (width, dim)  (tap k multiplies the input width-1-k steps back)
+ *   bias                         : (dim,) or NULL
+ *
+ * The time steps (m2rec_dt_softplus_*): dt = softplus(bias + W x_r) per row (b, t), x_r the
+ * first `rank` values of row (b, t) of x_proj's output (rows at distance x_stride), W given as
+ * (rank, dim), out (batch, L, dim); softplus as torch computes it (v itself above 20).
+ *
  * Work is split over (batch, dim) rows in the forward and over (batch, channel group)
  * tasks in the backward, with plain pthreads started per call (no persistent thread
- * pool, so the library stays usable after fork()).  The backward recomputes the
- * forward states of one row into a per-thread (L+1)*dstate buffer, then runs the
- * adjoint recurrence backwards in time.
+ * pool, so the library stays usable after fork()) taking ranges of tasks on demand.  The
+ * backward recomputes the forward states of one row into a per-thread (L+1)*dstate buffer,
+ * then runs the adjoint recurrence backwards in time.
  */
 #ifndef SS_TEMPLATE_PASS
 
@@ -115,6 +133,41 @@ static inline double ss_exp(double x) {
     return x != x ? x : res;
 }
 
+/* log(x) for normal x > 0, vectorizable: Cephes logf (mantissa in [sqrt(.5), sqrt(2))). */
+static inline float ss_logf(float x) {
+    uint32_t ix;
+    memcpy(&ix, &x, sizeof ix);
+    float e = (float)((int32_t)((ix >> 23) & 0xff) - 126);
+    ix = (ix & 0x007fffffu) | 0x3f000000u; /* mantissa in [0.5, 1) */
+    float m;
+    memcpy(&m, &ix, sizeof m);
+    const int small = m < 0.707106781186547524f;
+    e = small ? e - 1.0f : e;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292E-2f;
+    y = y * m - 1.1514610310E-1f;
+    y = y * m + 1.1676998740E-1f;
+    y = y * m - 1.2420140846E-1f;
+    y = y * m + 1.4249322787E-1f;
+    y = y * m - 1.6668057665E-1f;
+    y = y * m + 2.0000714765E-1f;
+    y = y * m - 2.4999993993E-1f;
+    y = y * m + 3.3333331174E-1f;
+    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+    return (m + y) + 0.693359375f * e;
+}
+
+/* torch's softplus: v above 20, else log1p(exp(v)) = max(v, 0) + log1p(exp(-|v|)), with
+ * log1p(q) = log(1 + q) * q / ((1 + q) - 1). */
+static inline float ss_softplusf(float v) {
+    const float q = ss_expf(-fabsf(v)), u = 1.0f + q;
+    const float l1p = u == 1.0f ? q : ss_logf(u) * (q / (u - 1.0f));
+    return v > 20.0f ? v : (v > 0.0f ? v : 0.0f) + l1p;
+}
+
+static inline double ss_softplus(double v) { return v > 20.0 ? v : log1p(exp(v)); }
+
 /* ---------------------------------------------------------------- threads */
 
 typedef void (*ss_range_fn)(void *ctx, int64_t begin, int64_t end);
@@ -122,16 +175,23 @@ typedef void (*ss_range_fn)(void *ctx, int64_t begin, int64_t end);
 typedef struct {
     ss_range_fn fn;
     void *ctx;
-    int64_t begin, end;
-} ss_chunk;
+    int64_t ntasks, grain;
+    int64_t next; /* the first task nobody has taken yet (atomic) */
+} ss_queue;
 
-static void *ss_thread_main(void *arg) {
-    ss_chunk *c = (ss_chunk *)arg;
-    c->fn(c->ctx, c->begin, c->end);
-    return NULL;
+/* Take ranges of `grain` tasks until none is left: a thread slowed by a busy core takes fewer. */
+static void *ss_worker(void *arg) {
+    ss_queue *q = (ss_queue *)arg;
+    for (;;) {
+        const int64_t begin = __atomic_fetch_add(&q->next, q->grain, __ATOMIC_RELAXED);
+        if (begin >= q->ntasks) return NULL;
+        q->fn(q->ctx, begin, begin + q->grain < q->ntasks ? begin + q->grain : q->ntasks);
+    }
 }
 
-/* Run fn over [0, ntasks) split into nthreads contiguous ranges. */
+/* Run fn over [0, ntasks) on nthreads threads (this one included), about 8 ranges per thread
+ * handed out on demand; every task runs once, each on its own, so the results do not depend
+ * on the split. */
 static void ss_parallel_for(int nthreads, int64_t ntasks, ss_range_fn fn, void *ctx) {
     if (ntasks <= 0) return;
     if (nthreads > ntasks) nthreads = (int)ntasks;
@@ -139,33 +199,17 @@ static void ss_parallel_for(int nthreads, int64_t ntasks, ss_range_fn fn, void *
         fn(ctx, 0, ntasks);
         return;
     }
-    ss_chunk *chunks = (ss_chunk *)malloc(sizeof(ss_chunk) * (size_t)nthreads);
+    ss_queue q = {fn, ctx, ntasks, 0, 0};
+    q.grain = ntasks / ((int64_t)nthreads * 8);
+    if (q.grain < 1) q.grain = 1;
     pthread_t *tids = (pthread_t *)malloc(sizeof(pthread_t) * (size_t)nthreads);
     int *started = (int *)calloc((size_t)nthreads, sizeof(int));
-    if (!chunks || !tids || !started) {
-        free(chunks);
-        free(tids);
-        free(started);
-        fn(ctx, 0, ntasks);
-        return;
-    }
-    for (int i = 0; i < nthreads; ++i) {
-        chunks[i].fn = fn;
-        chunks[i].ctx = ctx;
-        chunks[i].begin = ntasks * i / nthreads;
-        chunks[i].end = ntasks * (i + 1) / nthreads;
-    }
-    /* Range 0 runs on the calling thread. */
-    for (int i = 1; i < nthreads; ++i)
-        started[i] = pthread_create(&tids[i], NULL, ss_thread_main, &chunks[i]) == 0;
-    fn(ctx, chunks[0].begin, chunks[0].end);
-    for (int i = 1; i < nthreads; ++i) {
-        if (started[i])
-            pthread_join(tids[i], NULL);
-        else
-            fn(ctx, chunks[i].begin, chunks[i].end); /* could not spawn: run inline */
-    }
-    free(chunks);
+    if (tids && started)
+        for (int i = 1; i < nthreads; ++i)
+            started[i] = pthread_create(&tids[i], NULL, ss_worker, &q) == 0;
+    ss_worker(&q); /* threads that could not start leave their share to the others */
+    for (int i = 1; tids && started && i < nthreads; ++i)
+        if (started[i]) pthread_join(tids[i], NULL);
     free(tids);
     free(started);
 }
@@ -175,8 +219,22 @@ typedef struct {
     void *y, *last;
     void *gu, *gdt, *gA_part, *gBt_part, *gCt_part, *gh0;
     int64_t batch, dim, dstate, L, groups;
+    int64_t bc_stride;   /* m2rec_ss_last_*: distance between rows of Bt and Ct */
+    const int64_t *pos;  /* m2rec_ss_last_*: the one position of each batch row to output */
     volatile int failed; /* set by a worker that could not allocate its buffers */
 } ss_args;
+
+typedef struct {
+    const void *x, *w, *bias;
+    void *out;
+    int64_t L, dim, width;
+} ss_conv_args;
+
+typedef struct {
+    const void *x, *w, *bias;
+    void *out;
+    int64_t x_stride, rank, dim;
+} ss_dt_args;
 
 typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -188,18 +246,22 @@ typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 #define T float
 #define SS_SUFFIX f32
 #define EXP ss_expf
+#define SOFTPLUS ss_softplusf
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 
 #define T double
 #define SS_SUFFIX f64
 #define EXP ss_exp
+#define SOFTPLUS ss_softplus
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 #undef SS_TARGET
 
 #ifdef SS_HAVE_AVX2_CLONE
@@ -207,18 +269,22 @@ typedef void (*ss_kernel_fn)(void *ctx, int64_t begin, int64_t end);
 #define T float
 #define SS_SUFFIX f32_avx2
 #define EXP ss_expf
+#define SOFTPLUS ss_softplusf
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 
 #define T double
 #define SS_SUFFIX f64_avx2
 #define EXP ss_exp
+#define SOFTPLUS ss_softplus
 #include __FILE__
 #undef T
 #undef SS_SUFFIX
 #undef EXP
+#undef SOFTPLUS
 #undef SS_TARGET
 
 static int ss_use_avx2(void) {
@@ -269,14 +335,49 @@ static int ss_use_avx2(void) { return 0; }
         return a.failed ? -1 : 0;                                                            \
     }
 
+#define SS_LAST_ENTRY(suf)                                                                   \
+    SS_EXPORT int m2rec_ss_last_##suf(const void *u, const void *dt, const void *A,         \
+                                      const void *Bt, const void *Ct, int64_t bc_stride,     \
+                                      const int64_t *pos, int64_t batch, int64_t dim,        \
+                                      int64_t dstate, int64_t L, void *y, int nthreads) {    \
+        ss_args a;                                                                           \
+        memset(&a, 0, sizeof(a));                                                            \
+        a.u = u, a.dt = dt, a.A = A, a.Bt = Bt, a.Ct = Ct, a.bc_stride = bc_stride;          \
+        a.pos = pos, a.y = y, a.batch = batch, a.dim = dim, a.dstate = dstate, a.L = L;      \
+        ss_parallel_for(nthreads, batch * dim, SS_PICK(ss_last_range, suf), &a);             \
+        return a.failed ? -1 : 0;                                                            \
+    }
+
+#define SS_CONV_ENTRY(suf)                                                                   \
+    SS_EXPORT void m2rec_conv_silu_##suf(const void *x, const void *w, const void *bias,    \
+                                         int64_t batch, int64_t L, int64_t dim,              \
+                                         int64_t width, void *out, int nthreads) {           \
+        ss_conv_args a = {x, w, bias, out, L, dim, width};                                   \
+        ss_parallel_for(nthreads, batch * L, SS_PICK(ss_conv_silu_range, suf), &a);          \
+    }
+
 SS_ENTRY(f32)
 SS_ENTRY(f64)
+SS_LAST_ENTRY(f32)
+SS_LAST_ENTRY(f64)
+#define SS_DT_ENTRY(suf)                                                                     \
+    SS_EXPORT void m2rec_dt_softplus_##suf(const void *x, int64_t x_stride, const void *w,  \
+                                           const void *bias, int64_t rows, int64_t rank,     \
+                                           int64_t dim, void *out, int nthreads) {           \
+        ss_dt_args a = {x, w, bias, out, x_stride, rank, dim};                               \
+        ss_parallel_for(nthreads, rows, SS_PICK(ss_dt_softplus_range, suf), &a);             \
+    }
+
+SS_CONV_ENTRY(f32)
+SS_CONV_ENTRY(f64)
+SS_DT_ENTRY(f32)
+SS_DT_ENTRY(f64)
 
 /* 1 if the AVX2+FMA variants are in use. */
 SS_EXPORT int m2rec_ss_uses_avx2(void) { return ss_use_avx2(); }
 
 /* Version tag, bumped when the ABI of the entry points changes. */
-SS_EXPORT int m2rec_ss_abi_version(void) { return 2; }
+SS_EXPORT int m2rec_ss_abi_version(void) { return 5; }
 
 #else /* ================================================= SS_TEMPLATE_PASS */
 
@@ -292,6 +393,13 @@ SS_TARGET static inline T SUF(ss_step_inplace)(int64_t N, T dt, T dtu, const T *
         y += Cn[n] * hn;
     }
     return y;
+}
+
+/* One forward step without output: h <- exp(dt*A) h + dtu*B. */
+SS_TARGET static inline void SUF(ss_step_state)(int64_t N, T dt, T dtu, const T *restrict Ad,
+                                                T *restrict h, const T *restrict Bn) {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) h[n] = EXP(dt * Ad[n]) * h[n] + dtu * Bn[n];
 }
 
 /* Same step keeping the previous state hp and storing the new state hc and the decays. */
@@ -364,6 +472,78 @@ SS_TARGET static void SUF(ss_fwd_range)(void *vctx, int64_t begin, int64_t end) 
         for (int64_t t = 0; t < L; ++t)
             yr[t] = SUF(ss_step_inplace)(N, dr[t], dr[t] * ur[t], Ad, h, Bb + t * N, Cb + t * N);
         if (last) memcpy(last + row * N, h, sizeof(T) * (size_t)N);
+    }
+    free(h);
+}
+
+/* Rows (b, t) of the causal depthwise conv + SiLU:
+ * out = silu(bias + sum_k w[k] * x[t - (width-1-k)]). */
+SS_TARGET static void SUF(ss_conv_silu_range)(void *vctx, int64_t begin, int64_t end) {
+    const ss_conv_args *a = (const ss_conv_args *)vctx;
+    const int64_t L = a->L, dim = a->dim, K = a->width;
+    const T *x = (const T *)a->x, *w = (const T *)a->w, *bias = (const T *)a->bias;
+    for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row % L;
+        T *restrict o = (T *)a->out + row * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = bias ? bias[d] : (T)0;
+        for (int64_t k = 0; k < K; ++k) {
+            const int64_t back = K - 1 - k;
+            if (back > t) continue; /* before the sequence: zeros */
+            const T *restrict xr = x + (row - back) * dim, *restrict wk = w + k * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) o[d] += wk[d] * xr[d];
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / ((T)1 + EXP(-o[d]));
+    }
+}
+
+/* Rows (b, t) of the time steps: out = softplus(bias + W x_r), W as (rank, dim). */
+SS_TARGET static void SUF(ss_dt_softplus_range)(void *vctx, int64_t begin, int64_t end) {
+    const ss_dt_args *a = (const ss_dt_args *)vctx;
+    const int64_t R = a->rank, dim = a->dim;
+    const T *w = (const T *)a->w, *bias = (const T *)a->bias;
+    for (int64_t row = begin; row < end; ++row) {
+        const T *xr = (const T *)a->x + row * a->x_stride;
+        T *restrict o = (T *)a->out + row * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = bias ? bias[d] : (T)0;
+        for (int64_t r = 0; r < R; ++r) {
+            const T xv = xr[r];
+            const T *restrict wr = w + r * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) o[d] += wr[d] * xv;
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = SOFTPLUS(o[d]);
+    }
+}
+
+/* Inference rows (b, d): scan up to pos[b] on channel-last inputs, output y there only. */
+SS_TARGET static void SUF(ss_last_range)(void *vctx, int64_t begin, int64_t end) {
+    ss_args *a = (ss_args *)vctx;
+    const int64_t L = a->L, N = a->dstate, dim = a->dim, S = a->bc_stride;
+    const T *u = (const T *)a->u, *dtv = (const T *)a->dt, *A = (const T *)a->A;
+    const T *Bt = (const T *)a->Bt, *Ct = (const T *)a->Ct;
+    T *yv = (T *)a->y;
+    T *h = (T *)malloc(sizeof(T) * (size_t)(N > 0 ? N : 1));
+    if (!h) {
+        a->failed = 1;
+        return;
+    }
+    for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / dim, d = row % dim, last = a->pos[b];
+        const T *ub = u + b * L * dim + d, *db = dtv + b * L * dim + d; /* stride dim over t */
+        const T *Ad = A + d * N, *Bb = Bt + b * L * S, *Cb = Ct + b * L * S;
+        memset(h, 0, sizeof(T) * (size_t)N);
+        for (int64_t t = 0; t < last; ++t) {
+            const T dt = db[t * dim];
+            SUF(ss_step_state)(N, dt, dt * ub[t * dim], Ad, h, Bb + t * S);
+        }
+        const T dt = db[last * dim];
+        yv[row] = SUF(ss_step_inplace)(N, dt, dt * ub[last * dim], Ad, h, Bb + last * S,
+                                       Cb + last * S);
     }
     free(h);
 }
