@@ -141,6 +141,15 @@ def log_dataset(data_dir: str | Path, dataset_version: str) -> None:
     mlflow.log_input(dataset, context="training")
 
 
+def _log_figure(figure, artifact_file: str) -> None:
+    """Log a figure into the active run and free it (pyplot keeps every open figure)."""
+    import mlflow
+    from matplotlib import pyplot as plt
+
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
+
+
 def log_training_run(trained: TrainedModel, data_dir: str | Path | None = None, verdict: dict | None = None) -> str:
     """Log `trained` into the active MLflow run: tags, parameters, per-epoch and final metrics, plots, the dataset
     (`data_dir`, also the gate-weight plot) and the gate's `verdict` (GateVerdict.as_dict()); return the run id."""
@@ -157,13 +166,12 @@ def log_training_run(trained: TrainedModel, data_dir: str | Path | None = None, 
                      for record in trained.history for name, value in record.items() if name != "epoch"]
     mlflow.tracking.MlflowClient().log_batch(run_id, metrics=epoch_metrics)
     mlflow.log_metrics(final_metrics(trained))
-    mlflow.log_figure(training_curves(trained.history, trained.metrics.get("best_epoch")),
-                      "plots/training_curves.png")
+    _log_figure(training_curves(trained.history, trained.metrics.get("best_epoch")), "plots/training_curves.png")
     if data_dir is not None:
         log_dataset(data_dir, trained.dataset_version)
     gates = validation_gates(trained, data_dir) if data_dir is not None else None
     if gates is not None:
-        mlflow.log_figure(gate_weights(*gates), "plots/gate_weights.png")
+        _log_figure(gate_weights(*gates), "plots/gate_weights.png")
     else:
         log.info("no gate weight plot: %s", "the model has no gate" if data_dir else "no data_dir given")
     if verdict is not None:
