@@ -139,23 +139,35 @@ class Recommender:
             items, lengths = pad_right([np.asarray(histories[i]) for i in rows], self.model.max_length)
             items, lengths = items.to(self.device), lengths.to(self.device)
             hidden, gates = self.model.encode_with_gates(items, lengths)  # (B, 1, H), (B, 1, n_branches) or None
-            hidden, gates = hidden.squeeze(1), None if gates is None else gates.squeeze(1)
-            scores = (hidden @ self.item_matrix.t()).float()  # (B, I+1): self.model.scores(hidden), cached
-            scores[:, 0] = -torch.inf
-            if exclude_seen:
-                for row, i in enumerate(rows):
-                    scores[row, torch.as_tensor(list(histories[i]), dtype=torch.long)] = -torch.inf
-            top_scores, top_items = scores.topk(k, dim=1)
-            for row, i in enumerate(rows):
-                idx = top_items[row].cpu().numpy()
-                gate = None if gates is None else {
-                    name: round(float(w), 4) for name, w in zip(self.model.branch_names, gates[row].tolist())}
-                results[i] = Recommendation(self.item_ids[idx].tolist(), self.titles[idx].tolist(),
-                                            top_scores[row].cpu().tolist(), gate)
+            ranked = self.rank_hidden(hidden.squeeze(1), None if gates is None else gates.squeeze(1),
+                                      [histories[i] for i in rows], k, exclude_seen)
+            for i, recommendation in zip(rows, ranked):
+                results[i] = recommendation
         for i, history in enumerate(histories):
             if results[i] is None:
                 results[i] = self.popular(k, exclude=history if exclude_seen else ())
         return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def rank_hidden(self, hidden: torch.Tensor, gates: torch.Tensor | None, seen: Sequence[Sequence[int]], k: int,
+                    exclude_seen: bool) -> list[Recommendation]:
+        """Top-k for last hidden states (B, H), with their gate weights (B, n_branches) or None; with
+        `exclude_seen`, each row's `seen` item indices are left out. Encoding and recurrent serving share it."""
+        self._check_k(k)
+        scores = (hidden @ self.item_matrix.t()).float()  # (B, I+1): self.model.scores(hidden), cached
+        scores[:, 0] = -torch.inf
+        if exclude_seen:
+            for row, items in enumerate(seen):
+                scores[row, torch.as_tensor(list(items), dtype=torch.long)] = -torch.inf
+        top_scores, top_items = scores.topk(k, dim=1)
+        results = []
+        for row in range(len(hidden)):
+            idx = top_items[row].cpu().numpy()
+            gate = None if gates is None else {
+                name: round(float(w), 4) for name, w in zip(self.model.branch_names, gates[row].tolist())}
+            results.append(Recommendation(self.item_ids[idx].tolist(), self.titles[idx].tolist(),
+                                          top_scores[row].cpu().tolist(), gate))
+        return results
 
     def popular(self, k: int = 10, exclude: Sequence[int] = ()) -> Recommendation:
         """The k most popular training items (the fallback for users without history)."""

@@ -64,7 +64,7 @@ def format_summary(summary: dict) -> str:
              f"  model     {evaluation.get('model_type')}",
              "  valid     " + "  ".join(f"{n} {evaluation['valid'][n]:.4f}" for n in names),
              "  test      " + "  ".join(f"{n} {evaluation['test'][n]:.4f}" for n in names),
-             f"  gate      " + ("passed" if gate["passed"] else "FAILED (tracked, not registered, not packaged)")
+             "  gate      " + ("passed" if gate["passed"] else "FAILED (tracked, not registered, not packaged)")
              + f": {gate['reason']}"]
     if summary.get("events"):
         lines.append(f"  events    {summary['events'].get('merged', 0)} from the event log (through seq "

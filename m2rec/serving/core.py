@@ -12,7 +12,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from functools import partial
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ from m2rec.model.base import RecurrentRecommender
 from m2rec.serving.items import ItemAdded, ItemResult, ServedCatalog, failure_of
 from m2rec.serving.schemas import (EventIn, EventResponse, EventsResponse, EventsResult, Failure, RankQuery,
                                    RankResult, RecommendedItem, RecommendResponse)
-from m2rec.serving.state_store import StoredState
+from m2rec.serving.state_store import StatePrecision, StoredState
 
 log = logging.getLogger(__name__)
 BAD_REQUEST, CONFLICT, UNAVAILABLE = 400, 409, 503
@@ -60,26 +60,6 @@ def length_buckets(rows: list[int], histories: dict[int, list[int]], max_length:
         else:
             buckets.append([i])
     return buckets
-
-
-def top_k(recommender: Recommender, hidden: torch.Tensor, gates: torch.Tensor | None, seen: list[list[int]], k: int,
-          exclude_seen: bool) -> list[Recommendation]:
-    """Top-k of last hidden states (B, H) with their gates (B, n_branches) or None; with `exclude_seen`, each row's
-    `seen` item indices are left out (as `Recommender.recommend` does after encoding)."""
-    scores = (hidden @ recommender.item_matrix.t()).float()  # (B, I+1)
-    scores[:, 0] = -torch.inf
-    if exclude_seen:
-        for row, items in enumerate(seen):
-            scores[row, torch.as_tensor(items, dtype=torch.long)] = -torch.inf
-    top_scores, top_items = scores.topk(k, dim=1)
-    names = recommender.model.branch_names
-    results = []
-    for row in range(len(hidden)):
-        idx = top_items[row].numpy()
-        gate = None if gates is None else {name: round(float(w), 4) for name, w in zip(names, gates[row].tolist())}
-        results.append(Recommendation(recommender.item_ids[idx].tolist(), recommender.titles[idx].tolist(),
-                                      top_scores[row].tolist(), gate))
-    return results
 
 
 def _by_options(queries: list[RankQuery], rows: dict[int, object]) -> dict[tuple[int, bool], list[int]]:
@@ -215,11 +195,10 @@ class Ranker:
     def _rank_states(self, states: list[StoredState], k: int, exclude_seen: bool
                      ) -> tuple[list[Recommendation], list[int]]:
         """Top-k from stored states, and each user's sequence length as the feature build counts it."""
-        self.recommender._check_k(k)
         hidden = torch.cat([s.state["hidden"] for s in states])  # (B, H)
         gates = torch.cat([s.state["gates"] for s in states]) if "gates" in states[0].state else None  # (B, n)
         windows = [s.state["window"][0] for s in states]  # (max_length,) each, 0 where empty
-        ranked = top_k(self.recommender, hidden, gates, [w[w > 0].tolist() for w in windows], k, exclude_seen)
+        ranked = self.recommender.rank_hidden(hidden, gates, [w[w > 0].tolist() for w in windows], k, exclude_seen)
         limit = self.features.max_sequence_length
         return ranked, [min(int(s.state["length"][0]), limit) for s in states]
 

@@ -10,11 +10,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Mapping
 
 from m2rec.data.errors import DataError
 from m2rec.events.log import EventLog, EventParams
 from m2rec.serving.core import Ranker
+from m2rec.serving.state_store import StatePrecision
 
 log = logging.getLogger(__name__)
 FEATURE_BUILD_TAG = "feature_build"  # on a registered version: the key of the feature build it was trained with
@@ -29,7 +30,7 @@ class ServingParams:
     poll_interval_s: float = 30.0  # how often the registry is asked where the alias points
     model_cache: str | None = None  # where downloaded versions go; None: BENTOML_HOME/m2rec-versions
     recurrent: bool = True  # rank users from recurrent states advanced by each event (M2Rec, Mamba4Rec); off: re-encode
-    state_precision: Literal["float32", "float16"] = "float32"  # stored states; float16 halves them, not exact
+    state_precision: StatePrecision = "float32"  # stored states; float16 halves them, not exact
 
 
 @dataclass

@@ -15,12 +15,14 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from m2rec.model.base import RecurrentState
+
+StatePrecision = Literal["float32", "float16"]  # how stored states are encoded (serving.state_precision)
 
 HEADER = struct.Struct("<qq")  # seq, then the byte length of the tensors that follow
 STATES_FILE = "recurrent_states.db"  # in the feature build's data folder
