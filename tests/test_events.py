@@ -4,6 +4,11 @@ and on a real PostgreSQL server; retraining reads every event up to a cutoff."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
@@ -33,6 +38,48 @@ def _client(url: str, worker: int, count: int) -> list[int]:
         assert not first.duplicate and retry.duplicate and retry.event.seq == first.event.seq
         seqs.append(first.event.seq)
     return seqs
+
+
+WRITER = """
+import os, sys
+from datetime import datetime, timedelta, timezone
+from m2rec.events.log import Event, EventLog
+url, name, start, count, acks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+log, t0 = EventLog(url), datetime(2026, 1, 1, tzinfo=timezone.utc)
+with open(acks, "a") as out:
+    for i in range(start, start + count):
+        when = t0 + timedelta(microseconds=2 * i + (name == "b"))  # distinct events: (user, item, time) differ
+        log.append([Event(f"user{i % 5}", f"item{i % 7}", when, f"{name}-{i}")])
+        out.write(f"{name}-{i}\\n"); out.flush(); os.fsync(out.fileno())  # the client saw the reply
+"""
+
+
+def test_every_acknowledged_write_survives_a_killed_writer_and_its_restart(log_url, tmp_path):
+    """Two writer processes; one is SIGKILLed mid-stream and restarted, retrying from its first unacknowledged
+    event: afterwards every acknowledged event is in the log exactly once and nothing is applied twice."""
+    acks = {name: tmp_path / f"{name}.acks" for name in ("a", "b")}
+    command = [sys.executable, "-c", WRITER, log_url]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    steady = subprocess.Popen([*command, "b", "0", "300", str(acks["b"])], env=env)
+    victim = subprocess.Popen([*command, "a", "0", "100000", str(acks["a"])], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not acks["a"].exists() or len(acks["a"].read_text().split()) < 50):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # mid-stream: possibly inside a transaction
+    victim.wait()
+    acked = acks["a"].read_text().split()
+    assert len(acked) >= 50
+    resume = max(int(i.split("-")[1]) for i in acked) + 1  # the client retries what it saw no reply for
+    restarted = subprocess.Popen([*command, "a", str(resume), "100", str(acks["a"])], env=env)
+    assert restarted.wait(120) == 0 and steady.wait(120) == 0
+    log = EventLog(log_url)
+    stored = log.read(log.cutoff())
+    acknowledged = set(acks["a"].read_text().split()) | set(acks["b"].read_text().split())
+    assert acknowledged <= set(stored["event_id"])  # nothing acknowledged is lost
+    assert stored["event_id"].is_unique and stored["seq"].is_unique  # nothing applied twice
+    assert not stored.duplicated(["user_id", "item_id", "timestamp"]).any()
+    unacknowledged = set(stored["event_id"]) - acknowledged  # at most the one the kill interrupted after commit
+    assert len(unacknowledged) <= 1 and len(stored) >= 300 + len(acked) + 100
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
