@@ -68,6 +68,7 @@ class LiveSequences:
         lengths: dict[str, int] = {}
 
         def before_commit(results: list[Appended], tail: Tail) -> None:
+            tail = _read_once(tail)  # the mirror and the recurrent states read the same rows: one query
             lengths.update(self._publish(sorted({r.event.user_id for r in results}), tail))
             if on_appended is not None:
                 on_appended(results, tail)
@@ -99,3 +100,16 @@ class LiveSequences:
             log.info("carried %d users' events since seq %d over to build %s", len(users), self.after_seq,
                      self.client.repo_dir.name)
         return len(users)
+
+
+def _read_once(tail: Tail) -> Tail:
+    """`tail`, answering a repeated question (the same users and cutoff) from its first answer."""
+    answers: dict[tuple[tuple[str, ...], int], dict[str, list[LoggedEvent]]] = {}
+
+    def read(users: Sequence[str], after_seq: int) -> dict[str, list[LoggedEvent]]:
+        key = (tuple(sorted(set(users))), after_seq)
+        if key not in answers:
+            answers[key] = tail(users, after_seq)
+        return answers[key]
+
+    return read
