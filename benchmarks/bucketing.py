@@ -21,7 +21,7 @@ from m2rec.model.factory import build_model
 from m2rec.stages.train import text_matrix
 from m2rec.text.embeddings import TextEncoderParams
 from m2rec.training.batching import epoch_batches, training_windows
-from m2rec.training.trainer import NextItemLoss
+from m2rec.training.loss import NextItemLoss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -305,12 +305,15 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int, with_cold_start: bool) -> dict:
+def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int, with_cold_start: bool,
+                  carried: dict[str, dict] | None = None) -> dict:
     """Tune, train every model with every seed, test M2Rec's lead for significance and measure cold start;
     returns the dataset's entry of quality.json. Ablations take M2Rec's chosen grid point, so each differs from
-    the full model only in the part it removes."""
-    tuned = [v for v in models if not (v.startswith("m2rec_") and "m2rec" in models)]
-    chosen = study.choose(tuned, grid)
+    the full model only in the part it removes. `carried`: grid points already chosen on validation by an earlier
+    study of the same dataset (variant -> point); those variants are not tuned again."""
+    carried = {v: p for v, p in (carried or {}).items() if v in models}
+    tuned = [v for v in models if not (v.startswith("m2rec_") and "m2rec" in models) and v not in carried]
+    chosen = {**carried, **study.choose(tuned, grid)}
     chosen.update({v: chosen["m2rec"] for v in models if v not in chosen})
     seed_list = [study.train.seed + i for i in range(seeds)]
     jobs = [(v, chosen[v], s) for s in seed_list for v in models]
@@ -320,7 +323,8 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
         jobs += cold_jobs
     outcomes = study.run_all(jobs)
     runs = {v: [o for job, o in zip(jobs, outcomes) if job[0] == v and len(job) == 3] for v in models}
-    meta = {"grid": grid, "chosen": chosen, "curves": {v: r[0]["curve"] for v, r in runs.items()},
+    meta = {"grid": grid, "chosen": chosen, "carried_over": sorted(carried),
+            "curves": {v: r[0]["curve"] for v, r in runs.items()},
             "significance": {}, "users": int(study.data.num_users), "items": int(study.data.num_items),
             "batch_size": study.train.batch_size, "max_epochs": study.train.epochs, "patience": study.train.patience,
             "min_epochs": study.train.min_epochs, "smoothing": study.train.smoothing,
@@ -397,6 +401,9 @@ def markdown(results: dict) -> str:
                       f"{cold[v]['warm_HR@10']:.4f} | {cold[v]['device']} |" for v in COLD_START_MODELS if v in cold]
         lines += ["", f"Grid ({len(meta['grid'])} points, chosen on validation NDCG@10 at the first seed): "
                   f"{meta['grid']}", "", f"Chosen: {meta['chosen']}", ""]
+        if meta.get("carried_over"):
+            lines += [f"Points carried over from an earlier study's validation choice (not tuned again): "
+                      f"{', '.join(meta['carried_over'])}.", ""]
     return "\n".join(lines)
 
 
@@ -451,6 +458,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--grid", choices=("half", "full", "none"), default="half",
                         help="tuning grid over learning rate x dropout x depth (see grid_points)")
+    parser.add_argument("--chosen-from", type=Path,
+                        help="an earlier quality.json: take its validation-chosen grid points per model instead of "
+                             "tuning those models again (models it lacks are tuned)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (worker processes)")
     parser.add_argument("--threads", type=int, default=None,
@@ -477,8 +487,10 @@ def main() -> None:
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     for path in args.dataset:
         name, data_dir = load_dataset(path.resolve(), args.format)
+        carried = json.loads(args.chosen_from.read_text()).get(name, {}).get("_meta", {}).get("chosen") \
+            if args.chosen_from else None
         entry = study_dataset(Study(data_dir, train, pool), args.models, grid_points(args.grid), args.seeds,
-                              not args.no_cold_start)
+                              not args.no_cold_start, carried)
         entry["_meta"]["command"] = command
         results = save(args.output, name, entry)
     if pool is not None:

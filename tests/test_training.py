@@ -27,8 +27,7 @@ from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
 from m2rec.training.cold_start import impute_untrained_embeddings
 from m2rec.training.stopping import epochs_since_best, should_stop, smoothed
-from m2rec.training.trainer import (NextItemLoss, TrainParams, restore_rng_states, rng_states, seed_everything,
-                                    train_model, trained_item_mask)
+from m2rec.training.trainer import TrainParams, restore_rng_states, rng_states, seed_everything, train_model
 
 BIN = Path(sys.executable).parent
 FAST = dict(hidden_size=16, d_state=8, max_length=20, scales=[[0.001, 0.1], [0.1, 1.0]])
@@ -84,19 +83,6 @@ def test_length_buckets_cut_padding_and_keep_every_window_once():
     (bucketed, bucketed_padding), (plain, plain_padding) = epoch(50), epoch(1)
     assert bucketed == plain == sorted(len(w.items) for w in windows)
     assert bucketed_padding < plain_padding / 5
-
-
-def test_items_absent_from_training_are_not_pushed_down_as_negatives():
-    sequences = [np.array([1, 2, 3, 1]), np.array([2, 3, 2])]  # items 4 and 5 never occur
-    mask = trained_item_mask(sequences, num_items=5)
-    assert mask.tolist() == [False, True, True, True, False, False]
-    model = build_model("sasrec", 5, ModelParams(**FAST))
-    inputs, targets = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 1]])
-    for trained_items, untouched in ((mask, True), (None, False)):
-        model.zero_grad()
-        NextItemLoss(model, trained_items)(inputs, targets).backward()
-        grad = model.item_embedding.weight.grad  # (6, H)
-        assert (grad[4:].abs().sum() == 0) == untouched and grad[1:4].abs().sum() > 0
 
 
 def write_params(path: Path, epochs: int, **model) -> Path:

@@ -1,4 +1,4 @@
-"""The training loop: next-item cross-entropy over all items, AdamW, early stopping on smoothed validation NDCG@10,
+"""The training loop: next-item cross-entropy (over all items or sampled), AdamW, early stopping on smoothed validation NDCG@10,
 atomic checkpoints with exact resume, bf16 autocast on CUDA and `torchrun` data parallelism."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from m2rec.model.base import SequentialRecommender
 from m2rec.model.files import CHECKPOINT_FILE
 from m2rec.training.batching import Window, epoch_batches, training_windows
 from m2rec.training.cold_start import impute_untrained_embeddings
+from m2rec.training.loss import LossKind, NextItemLoss
 from m2rec.training.stopping import should_stop
 from m2rec.utils.atomic import atomic_write_bytes
 
@@ -52,6 +53,11 @@ class TrainParams:
     # After training, give items absent from the training data the ID embedding their text predicts (ridge fit on
     # the trained items; m2rec.training.cold_start), so a new catalog item can compete with trained ones.
     impute_untrained: bool = False
+    # full: exact cross-entropy over every trained item (memory bounded by computing it in chunks); sampled:
+    # against `negatives` items drawn uniformly per step, constant work per position for catalogs of 100k+ items
+    # (m2rec.training.loss).
+    loss: LossKind = "full"
+    negatives: Annotated[int, Ge(1)] = 1024
     seed: Annotated[int, Ge(0)] = 42
     eval_batch_size: Annotated[int, Ge(1)] = 512
     mask_history: bool = False  # RecBole's default protocol ranks history items too
@@ -76,26 +82,6 @@ def choose_device(requested: str = "auto") -> torch.device:
     if requested == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(requested)
-
-
-class NextItemLoss(nn.Module):
-    """Cross-entropy of every position's next item over the items of the training data (padding targets
-    ignored). Items that never occur in training are no negatives either: a softmax would otherwise push their
-    embeddings away from every user, so that a new catalog item could never be recommended, even by its text.
-    Wrapping the model this way lets DistributedDataParallel see one forward per step."""
-
-    def __init__(self, model: SequentialRecommender, trained_items: torch.Tensor | None = None):
-        super().__init__()
-        self.model = model
-        self.register_buffer("untrained", None if trained_items is None else ~trained_items)  # (I+1,) bool
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.encode(inputs)  # (B, L, H)
-        real = targets > 0  # (B, L)
-        logits = self.model.scores(hidden[real]).float()  # (N, I+1): only real positions, to bound memory
-        if self.untrained is not None:
-            logits = logits.masked_fill(self.untrained, float("-inf"))
-        return nn.functional.cross_entropy(logits, targets[real])
 
 
 def trained_item_mask(train_sequences: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
@@ -207,7 +193,8 @@ def _set_up(model: SequentialRecommender, train_sequences: Sequence[np.ndarray],
     rank, world = _distributed()
     device = choose_device(params.device)
     model.to(device)
-    loss_module = NextItemLoss(model, trained_item_mask(train_sequences, model.item_embedding.num_embeddings - 1))
+    loss_module = NextItemLoss(model, trained_item_mask(train_sequences, model.num_items), params.loss,
+                               params.negatives)
     loss_module.to(device)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(
