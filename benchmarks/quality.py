@@ -8,8 +8,8 @@ smoothed validation NDCG@10, and the same tuning budget (a grid chosen on valida
     python benchmarks/quality.py --dataset ../shared/datasets/amazon-games --seeds 3 --batch-size 512
     python benchmarks/quality.py --quick          # one seed of each model on ml-100k, no grid, 10 epochs
 
-Every finished run is stored under benchmarks/.cache/runs (a killed study resumes; datasets can run as separate
-processes). Writes benchmarks/results/quality.json ({dataset: {model: {metric: {mean, std}, seeds, best_epochs,
+Every finished run is stored under benchmarks/results/quality_runs (committed: a killed or unfinished study resumes,
+here or on another machine; datasets can run as separate processes). Writes benchmarks/results/quality.json ({dataset: {model: {metric: {mean, std}, seeds, best_epochs,
 train_seconds, ...}, "_meta": {...}}}), quality.md (tables, significance, gate weights, cold start) and
 quality_curves.png (validation NDCG@10 per epoch per model).
 """
@@ -49,6 +49,7 @@ log = logging.getLogger("quality")
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = ROOT / ".cache"
+RUNS = RESULTS / "quality_runs"  # every finished run, committed: a study resumes across machines and sessions
 REPORTED = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 PAPER = PAPER_DESIGN
 VARIANTS = {  # name -> (model type, ModelParams overrides); M2Rec as the paper designs it, whatever the defaults
@@ -203,12 +204,13 @@ def _init_worker(threads: int) -> None:
 class Study:
     """One dataset's runs, each (variant, grid point, seed, held-out items) trained once: the tuning run at the
     chosen point doubles as that model's first seed, and every finished run is stored under
-    benchmarks/.cache/runs, so an interrupted study resumes where it stopped. With a pool, independent runs
-    train in parallel."""
+    `runs_dir` (benchmarks/results/quality_runs, committed), so an interrupted study resumes where it stopped.
+    With a pool, independent runs train in parallel."""
 
     data_dir: Path
     train: TrainParams
     pool: concurrent.futures.Executor | None = None
+    runs_dir: Path = RUNS
 
     @property
     def data(self) -> PreparedDataset:
@@ -220,7 +222,7 @@ class Study:
         model_type, params, _ = configure(job[0], job[1], MAX_LENGTH)
         key = json.dumps([job, model_type, dataclasses.asdict(params), dataclasses.asdict(self.train),
                           self.data.stats.get("dataset_version")], sort_keys=True, default=str)
-        return CACHE / "runs" / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        return self.runs_dir / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
     def run_all(self, jobs: list[tuple]) -> list[dict]:
         """Outcomes of (variant, point, seed[, held_out]) jobs, training those not stored yet."""

@@ -1,11 +1,11 @@
 """How the data stages grow with the number of interactions: MovieLens-20M-shaped synthetic data at several sizes,
 each stage in its own process, seconds and peak RSS per stage and size, and the fitted growth exponent.
 
-    python benchmarks/scale.py --sizes 1000000 5000000 20000000 [--engines pandas spark] [--train-epoch]
+    python benchmarks/scale.py --sizes 1000000 5000000 20000000 [--engines pandas spark] [--train-epoch sampled]
 
 The data: about 138k users and 27k items at 20M interactions (both scaled with the size), heavy-tailed history
 lengths (a log-normal clipped to 20 .. 5,000), power-law item popularity, item titles. Stages: prepare (`table`
-source, CSV), validate, features build, one training epoch (`--train-epoch`; long on a CPU) and 10,000 online
+source, CSV), validate, features build, one training epoch with each loss given to `--train-epoch` (long on a CPU) and 10,000 online
 lookups. Writes benchmarks/results/scale.json: per engine, size and stage {seconds, peak_rss_mb}, plus the exponent
 b of seconds ~ size^b per stage. Resumable: a finished (engine, size, stage) is kept in the results file.
 """
@@ -62,12 +62,13 @@ print(f"@@ {code} {time.perf_counter() - started:.2f} {resource.getrusage(resour
 
 def run_stage(command: list[str], log_path: Path) -> dict:
     """Run one stage under a fresh measuring process: its seconds and the peak RSS of its own process tree."""
+    load = os.getloadavg()[0]
     with open(log_path, "w") as log:
         subprocess.run([sys.executable, "-c", MEASURE, *command], stdout=log, stderr=subprocess.STDOUT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     code, seconds, peak_kib = log_path.read_text().rsplit("@@ ", 1)[1].split()
     return {"seconds": float(seconds), "peak_rss_mb": round(int(peak_kib) / 1024, 1), "ok": code == "0",
-            "log": str(log_path)}
+            "load_average_at_start": round(load, 2), "log": str(log_path)}
 
 
 LOOKUPS = """
@@ -81,7 +82,7 @@ for start in range(0, len(users), 100):
 """
 
 
-def stages(size: int, engine: str, work: Path, train_epoch: bool) -> list[tuple[str, list[str]]]:
+def stages(size: int, engine: str, work: Path, losses: list[str]) -> list[tuple[str, list[str]]]:
     interactions, catalog = work / "raw" / "ratings.csv", work / "raw" / "items.csv"
     data, features = work / f"data-{engine}", work / f"features-{engine}"
     source = ["--format", "table", "--input", str(interactions), "--items", str(catalog),
@@ -92,9 +93,11 @@ def stages(size: int, engine: str, work: Path, train_epoch: bool) -> list[tuple[
         ("features", [str(M2REC), "features", "build", "--data", str(data), "--root", str(features)]),
         ("lookups", [sys.executable, "-c", LOOKUPS, str(work / f"build-{engine}.json")]),
     ]
-    if train_epoch:
-        steps.append(("train_epoch", [str(M2REC), "train", "--data", str(data), "--output", str(work / "model"),
-                                      "--epochs", "1"]))
+    for loss in losses:  # one epoch and its evaluation, with the full or the sampled loss (m2rec.training.loss)
+        params = work / f"params-{loss}.yaml"
+        params.write_text(json.dumps({"train": {"loss": loss, "progress": False}}))  # JSON is YAML
+        steps.append((f"train_epoch_{loss}", [str(M2REC), "train", "--data", str(data), "--params", str(params),
+                                              "--output", str(work / f"model-{loss}"), "--epochs", "1"]))
     return steps
 
 
@@ -110,7 +113,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000])
     parser.add_argument("--engines", nargs="+", default=["pandas"], choices=["pandas", "spark"])
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "scale")
-    parser.add_argument("--train-epoch", action="store_true", help="Also time one training epoch (long on a CPU).")
+    parser.add_argument("--train-epoch", nargs="*", choices=["full", "sampled"], default=[],
+                        help="also time one training epoch with these losses (long on a CPU)")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for engine in args.engines:
@@ -120,7 +124,8 @@ def main() -> None:
                 generate(size, work / "raw")
             done = results.setdefault(engine, {}).setdefault(str(size), {})
             for name, command in stages(size, engine, work, args.train_epoch):
-                if done.get(name, {}).get("ok"):
+                needed_again = name == "prepare" and not (work / f"data-{engine}" / "stats.json").is_file()
+                if done.get(name, {}).get("ok") and not needed_again:  # a later stage may need prepare's output
                     continue
                 done[name] = run_stage(command, work / f"{engine}-{name}.log")
                 if name == "features" and done[name]["ok"]:

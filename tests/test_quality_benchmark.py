@@ -43,8 +43,8 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
     models = ["m2rec", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"]
     train = TrainParams(epochs=1, batch_size=32, progress=False)
-    entry = quality.study_dataset(quality.Study(tiny_synthetic, train), models, quality.grid_points("none"),
-                                  seeds=2, with_cold_start=True)
+    study = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs")
+    entry = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
     assert set(entry) == {*models, "_meta"}
     assert entry["m2rec"]["seeds"] == [42, 43] and len(entry["m2rec"]["best_epochs"]) == 2
     assert set(entry["m2rec"]["mean_gates"]) == {"temporal", "frequency", "semantic"}
@@ -58,8 +58,7 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
         raise AssertionError("a stored run was trained again")
 
     monkeypatch.setattr(quality, "train_job", must_not_train)
-    again = quality.study_dataset(quality.Study(tiny_synthetic, train), models, quality.grid_points("none"),
-                                  seeds=2, with_cold_start=True)
+    again = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
     assert again["m2rec"] == entry["m2rec"] and again["_meta"]["cold_start"] == cold
 
     output = tmp_path / "results" / "quality.json"
