@@ -19,13 +19,14 @@ from torch import nn
 from m2rec.model.base import RecurrentRecommender, RecurrentState, empty_window, push_window, window_of
 from m2rec.model.config import ModelParams
 from m2rec.model.frequency import CausalFourierFilter
+from m2rec.model.item_text import ScoredThroughText
 from m2rec.model.layers import (FeedForward, init_stack_state, mamba_stack, run_stack, run_stack_with_state,
                                 step_stack)
 
 BRANCHES = ("temporal", "frequency", "semantic")
 
 
-class M2Rec(RecurrentRecommender):
+class M2Rec(ScoredThroughText, RecurrentRecommender):
     """The gated three-branch model; `params.use_frequency`, `use_text`, `gate`, `scales` give its ablations."""
 
     model_type = "m2rec"
@@ -48,28 +49,18 @@ class M2Rec(RecurrentRecommender):
         if params.use_text:
             if item_text_embeddings is None or item_text_embeddings.shape[0] != num_items + 1:
                 raise ValueError("use_text needs item_text_embeddings of shape (num_items + 1, text_dim)")
-            self.register_buffer("item_text", item_text_embeddings.float().clone())  # (I+1, T), frozen
             self.text_input = nn.Sequential(nn.Linear(item_text_embeddings.shape[1], hidden),
-                                            nn.LayerNorm(hidden, eps=1e-12))
-            self.text_output = nn.Linear(item_text_embeddings.shape[1], hidden, bias=False)
-            nn.init.normal_(self.text_output.weight, std=0.02)
+                                            nn.LayerNorm(hidden, eps=1e-12))  # before text_output: same init draws
+            self._init_item_text(item_text_embeddings, hidden, params.item_id_dropout)
         self.branch_names = [n for n, on in zip(BRANCHES, (True, params.use_frequency, params.use_text)) if on]
         self.gate = nn.Linear(hidden * len(self.branch_names), len(self.branch_names)) \
             if params.gate == "learned" and len(self.branch_names) > 1 else None
         self.output_norm = nn.LayerNorm(hidden, eps=1e-12)
 
-    def item_representations(self) -> torch.Tensor:
-        """(I+1, H): ID embedding plus projected text, so text alone can place an unseen item. In training, with
-        `item_id_dropout`, a random share of items is represented by its text alone."""
-        ids = self.item_embedding.weight  # (I+1, H)
-        if not self.params.use_text:
-            return ids
-        if self.training and self.params.item_id_dropout > 0:
-            keep = torch.rand(len(ids), 1, device=ids.device) >= self.params.item_id_dropout  # (I+1, 1)
-            ids = ids * keep
-        text = self.text_output(self.item_text)  # (I+1, H)
-        text = text.masked_fill(torch.arange(len(text), device=text.device).unsqueeze(1) == 0, 0.0)
-        return ids + text
+    def item_representations(self) -> torch.Tensor:  # (I+1, H)
+        """ID embedding plus projected text (see ScoredThroughText), so text alone can place an unseen item; the
+        ID embedding alone without the text branch."""
+        return super().item_representations() if self.params.use_text else self.item_embedding.weight
 
     def _embed(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H)
         return self.norm(self.dropout(self.item_embedding(items)))
