@@ -124,6 +124,17 @@ def check_store(store) -> None:
     assert store.get_many(scope_v1, ["u1", "u2", "u3"]) == {"u1": b"ONE", "u2": b"two"}
     assert store.get_many(scope_v2, ["u1", "u2"]) == {}  # another version never sees these
     assert store.get_many(scope_v1, []) == {}
+    store.put_many(scope_v2, {"u1": b"v2"})
+    store.retain([scope_v2])
+    assert store.get_many(scope_v2, ["u1"]) == {"u1": b"v2"}
+
+
+def test_sqlite_store_drops_retired_versions_states(tmp_path):
+    store = SQLiteStateStore(tmp_path / "states.db")
+    for version in ("v1", "v2", "v3"):
+        store.put_many(version, {"u1": version.encode(), "u2": version.encode()})
+    assert store.retain(["v3", "v2"]) == 2
+    assert store.get_many("v1", ["u1", "u2"]) == {} and store.get_many("v2", ["u1"]) == {"u1": b"v2"}
 
 
 def test_sqlite_state_store(tmp_path):

@@ -525,9 +525,12 @@ def test_the_follower_swaps_in_the_champion_keeps_the_old_on_failure_and_rolls_b
     status = follower.check()
     assert status["model_version"] == "m2rec v3" and status["last_error"] is None
     assert follower.current.sequences is not None
-    # rolling back is moving the alias back
+    # rolling back is moving the alias back; states of versions before the previous one are dropped
+    states = follower.current.states.store
+    states.put_many("m2rec v0@retired", {"u": b"state"})
     MlflowClient(uri).set_registered_model_alias("m2rec", "champion", "1")
     assert follower.check()["model_version"] == "m2rec v1"
+    assert states.get_many("m2rec v0@retired", ["u"]) == {}
 
 
 def test_items_adds_an_item_that_recommend_and_events_take_at_once(server, users):

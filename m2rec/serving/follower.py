@@ -168,7 +168,11 @@ class ChampionFollower:
         if ranker.sequences is None:
             raise DataError(f"v{target}'s user features are unavailable: {ranker.features_problem}",
                             "build its features under the feature root the service reads (M2REC_FEATURE_ROOT)")
-        self.current, self.registry_version = ranker, target  # the swap: one reference, taken per batch
+        previous, self.current, self.registry_version = self.current, ranker, target  # the swap: one reference
+        if ranker.states is not None:  # states of versions before the previous one are only rebuilt if ever read
+            dropped = ranker.states.store.retain([ranker.states.scope, *([previous.states.scope]
+                                                                       if previous.states is not None else [])])
+            log.info("dropped %d recurrent states of retired versions", dropped)
         carried = ranker.sequences.catch_up()  # events the new build did not see, into its online rows
         log.info("now serving %s (loaded in %.1f s; %d users' events carried over)", ranker.model_version,
                  time.perf_counter() - started, carried)

@@ -75,6 +75,10 @@ class StateStore:
     def put_many(self, scope: str, records: Mapping[str, bytes]) -> None:
         raise NotImplementedError
 
+    def retain(self, scopes: Sequence[str]) -> int:
+        """Drop the states of every scope but `scopes` (retired versions); returns how many were dropped."""
+        raise NotImplementedError
+
 
 class SQLiteStateStore(StateStore):
     """One SQLite file (WAL), a connection per thread and process."""
@@ -108,6 +112,11 @@ class SQLiteStateStore(StateStore):
             self._connection().executemany("INSERT OR REPLACE INTO m2rec_states VALUES (?, ?, ?)",
                                            [(scope, user, state) for user, state in records.items()])
 
+    def retain(self, scopes: Sequence[str]) -> int:
+        marks = ", ".join("?" * len(scopes))
+        return self._connection().execute(f"DELETE FROM m2rec_states WHERE scope NOT IN ({marks})",
+                                          tuple(scopes)).rowcount
+
 
 class RedisStateStore(StateStore):
     """Redis keys `m2rec:state:{scope}:{user}`, each expiring `ttl_s` after its last write (None: never), so
@@ -140,6 +149,9 @@ class RedisStateStore(StateStore):
             for user, state in records.items():
                 pipeline.set(self.key(scope, user), state, ex=self.ttl_s)
             pipeline.execute()
+
+    def retain(self, scopes: Sequence[str]) -> int:
+        return 0  # every key expires ttl_s after its last write: retired versions' states go by themselves
 
 
 def open_state_store(repo_dir: str | Path, online_store) -> StateStore:
