@@ -81,13 +81,14 @@ def features(dataset: Input[Dataset], params_json: str, feature_root: str, featu
 
     from m2rec.features.repo import FeatureParams
     from m2rec.params import section
+    from m2rec.spark.session import SparkParams
     from m2rec.stages.features import build_features
     from m2rec.text.embeddings import TextEncoderParams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = json.loads(params_json)
     summary = build_features(dataset.path, feature_root or None, section(params, "features", FeatureParams),
-                             section(params, "text", TextEncoderParams))
+                             section(params, "text", TextEncoderParams), section(params, "spark", SparkParams))
     Path(feature_build.path).write_text(json.dumps(summary, indent=2, default=str))
     counts = summary["counts"]
     feature_build.metadata.update({"build_key": summary["build_key"], "repo_dir": summary["repo_dir"],

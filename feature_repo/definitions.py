@@ -1,17 +1,38 @@
 """M2Rec's Feast definitions: each user's recent item sequence and each item's text features.
 
 Only Feast objects live here: `feast apply` imports this file (and, per .feastignore, nothing else). The parquet
-files under data/ are written by `m2rec features build` (see m2rec/features/tables.py for their rows).
+files under data/ are written by `m2rec features build` (see m2rec/features/tables.py for their rows). The sources
+are of the kind the repository's offline store reads, which feature_store.yaml beside this file names: SparkSources
+for Feast's Spark store (`features.offline_store: spark`), FileSources otherwise.
 """
 
 from datetime import timedelta
 from pathlib import Path
 
+import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Float32, Int64, String, UnixTimestamp
 
-DATA = Path(__file__).resolve().parent / "data"  # absolute: the DuckDB offline store resolves paths from the cwd
+REPO = Path(__file__).resolve().parent
+DATA = REPO / "data"  # absolute: the DuckDB offline store resolves paths from the cwd
 NO_EXPIRY = timedelta(0)  # Feast reads a ttl of 0 as "never expires": a sequence holds until the next event
+
+
+
+def offline_store_type() -> str:
+    """The `offline_store.type` of this repository's feature_store.yaml (the committed template: duckdb)."""
+    config = REPO / "feature_store.yaml"
+    return yaml.safe_load(config.read_text())["offline_store"]["type"] if config.is_file() else "duckdb"
+
+
+def parquet_source(name: str, file: str):
+    """The parquet table data/`file` (one file or a folder of parts) as the offline store reads it."""
+    if offline_store_type() == "spark":
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+        return SparkSource(name=name, path=str(DATA / file), file_format="parquet", timestamp_field="event_timestamp")
+    return FileSource(name=name, path=str(DATA / file), timestamp_field="event_timestamp")
+
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
               description="A user, by the dataset's original id.")
@@ -19,8 +40,7 @@ item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
               description="A catalog item, by the dataset's original id.")
 
 # Per user, a snapshot of the user's recent items at each split cutoff (train, valid, latest), stamped with its time.
-user_sequences_source = FileSource(name="user_sequences_source", path=str(DATA / "user_sequences.parquet"),
-                                   timestamp_field="event_timestamp")
+user_sequences_source = parquet_source("user_sequences_source", "user_sequences.parquet")
 
 # New events while serving: rows of the same shape, written straight to the online store.
 user_events = PushSource(name="user_events", batch_source=user_sequences_source)
@@ -42,8 +62,7 @@ user_recent_items = FeatureView(name="user_recent_items", entities=[user], ttl=N
                                 source=user_events, online=True)
 
 # One row per catalog item.
-item_features_source = FileSource(name="item_features_source", path=str(DATA / "item_features.parquet"),
-                                  timestamp_field="event_timestamp")
+item_features_source = parquet_source("item_features_source", "item_features.parquet")
 
 item_features = FeatureView(
     name="item_features",

@@ -86,13 +86,20 @@ def test_feast_apply_imports_only_the_definitions(tmp_path):
     assert get_repo_files(repo) == [(repo / "definitions.py").resolve()]
 
 
-def test_bad_feature_params_and_missing_build_are_clear_errors(tiny_synthetic, tmp_path):
+def test_bad_feature_params_and_missing_build_are_clear_errors(tiny_synthetic, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="features.online_store='mongo'"):
         build_features(tiny_synthetic, tmp_path / "repo", FeatureParams(online_store="mongo"))
     with pytest.raises(ConfigError, match="features.max_sequence_length=0"):
         build_features(tiny_synthetic, tmp_path / "repo", FeatureParams(max_sequence_length=0))
+    with pytest.raises(ConfigError, match="features.offline_store='bigquery'.*use one of file, spark"):
+        build_features(tiny_synthetic, tmp_path / "repo", FeatureParams(offline_store="bigquery"))
     with pytest.raises(DataError, match="run `m2rec features build"):
         FeatureClient(tmp_path / "nothing")
+    import m2rec.features.repo as repo
+
+    monkeypatch.setattr(repo.importlib.util, "find_spec", lambda name: None)  # as without the `spark` extra
+    with pytest.raises(ConfigError, match="offline_store='spark' needs pyspark.*pip install 'm2rec\\[spark\\]'"):
+        build_features(tiny_synthetic, tmp_path / "repo", FeatureParams(offline_store="spark"))
 
 
 def test_synthetic_online_and_point_in_time_sequences(synthetic_repo, tiny_synthetic):

@@ -1,5 +1,6 @@
-"""The Spark engine (local mode) writes the same tables as the single-machine path, and refuses bad input with the
-same clear errors."""
+"""The Spark engine (local mode) writes the same tables as the single-machine path (prepare, the user sequence
+table), refuses bad input with the same clear errors, and Feast's Spark offline store reads the same training
+sequences as the file store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -114,3 +116,146 @@ def test_the_cli_selects_the_engine_by_option(tmp_path):
     assert (tmp_path / "spark" / "interactions.parquet").is_dir()  # Spark's parts
     done = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "pandas")])
     assert read_tables(tmp_path / "spark")[2] == read_tables(tmp_path / "pandas")[2]
+
+
+# --- the feature tables and Feast's Spark offline store ---------------------------------------------------------
+
+SHORT = 20  # a window shorter than most ml-100k users' histories, so windows are cut
+
+
+@pytest.fixture(scope="module")
+def ml100k_prepared(ml100k_dir, tmp_path_factory) -> Path:
+    """ml-100k prepared on one machine (the interactions as one parquet file)."""
+    out = tmp_path_factory.mktemp("ml100k-prepared") / "data"
+    prepare(SourceSpec("movielens", str(ml100k_dir)), out)
+    return out
+
+
+def sequence_frame(table) -> pd.DataFrame:
+    """A user sequence table (arrow, or the parquet file or folder at a path) as pandas, sequences as lists."""
+    import pyarrow as pa
+
+    frame = table.to_pandas() if isinstance(table, pa.Table) else pd.read_parquet(table)
+    return frame.assign(item_sequence=[[int(i) for i in s] for s in frame["item_sequence"]])
+
+
+def assert_spark_table_matches(spark, interactions: Path, tmp_path: Path, max_length: int) -> pd.DataFrame:
+    """Spark's user sequence table of `interactions` equals the single-machine one row for row, with its types."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from m2rec.features.tables import user_sequence_table as single_machine
+    from m2rec.spark.features import write_user_sequences_spark
+
+    written = tmp_path / f"user_sequences_{max_length}.parquet"
+    write_user_sequences_spark(spark, interactions, written, max_length)
+    schema = ds.dataset(written, format="parquet").schema
+    expected_types = {"user_id": pa.string(), "event_timestamp": pa.timestamp("us", "UTC"),
+                      "sequence_length": pa.int64(), "last_event_time": pa.timestamp("us", "UTC")}
+    assert schema.names == ["user_id", "event_timestamp", "item_sequence", "sequence_length", "last_event_time"]
+    assert {name: schema.field(name).type for name in expected_types} == expected_types
+    assert pa.types.is_list(schema.field("item_sequence").type)
+    assert schema.field("item_sequence").type.value_type == pa.int64()
+    ours = sequence_frame(written)  # in the order written: by user, then time
+    theirs = sequence_frame(single_machine(pd.read_parquet(interactions), max_length))
+    pd.testing.assert_frame_equal(ours, theirs)
+    return ours
+
+
+@pytest.mark.parametrize("max_length", [200, SHORT])
+def test_spark_user_sequence_table_equals_the_single_machine_one_on_ml100k(spark, ml100k_prepared, tmp_path,
+                                                                           max_length):
+    table = assert_spark_table_matches(spark, ml100k_prepared / "interactions.parquet", tmp_path, max_length)
+    users = 943
+    # the size formula: a snapshot per user and split cutoff, not one per event (99,287)
+    assert len(table) == 3 * users  # at most 3 per user; every ml-100k user has train, valid and test events
+    assert table["sequence_length"].sum() <= len(table) * max_length
+    assert table["sequence_length"].max() == max_length  # windows are cut at max_length
+    assert (table["sequence_length"] == table["item_sequence"].map(len)).all()
+
+
+def test_spark_user_sequence_table_keeps_the_stored_order_across_parts(spark, ml100k_prepared, tmp_path):
+    """Interactions as a folder of parts (as the Spark prepare writes them), a part boundary inside a run of one
+    user's events at the same instant: the tie order and 1 µs steps are the stored order's."""
+    interactions = pd.read_parquet(ml100k_prepared / "interactions.parquet")
+    same = (interactions["user_idx"].diff() == 0) & (interactions["timestamp"].diff() == pd.Timedelta(0))
+    inside_tie = int(np.flatnonzero(same.to_numpy())[len(same) // 1000])  # a row tied with the one before it
+    parts = tmp_path / "interactions.parquet"
+    parts.mkdir()
+    for n, (lo, hi) in enumerate([(0, inside_tie), (inside_tie, 60_000), (60_000, len(interactions))]):
+        interactions.iloc[lo:hi].to_parquet(parts / f"part-{n:05d}.parquet", index=False)
+    assert_spark_table_matches(spark, parts, tmp_path, SHORT)
+
+
+@pytest.fixture(scope="module")
+def ml100k_builds(spark, ml100k_prepared, tmp_path_factory) -> dict[str, dict]:
+    """ml-100k's features built three ways: pandas tables + file offline store; Spark tables (`m2rec features build
+    --engine spark`) + file store; Spark tables + Feast's Spark offline store."""
+    from click.testing import CliRunner
+
+    from m2rec.cli import cli
+    from m2rec.features.repo import FeatureParams
+    from m2rec.spark.session import SparkParams
+    from m2rec.stages.features import build_features
+
+    root = tmp_path_factory.mktemp("ml100k-features")
+    builds = {"pandas": build_features(ml100k_prepared, root / "pandas", FeatureParams())}
+    done = CliRunner().invoke(cli, ["features", "build", "--data", str(ml100k_prepared), "--root",
+                                    str(root / "spark"), "--engine", "spark", "--spark-master", "local[2]"])
+    assert done.exit_code == 0, done.output
+    builds["spark"] = json.loads((Path(json.loads(done.stdout)["repo_dir"]) / "data" / "build.json").read_text())
+    builds["spark_store"] = build_features(ml100k_prepared, root / "spark_store", FeatureParams(offline_store="spark"),
+                                           spark=SparkParams(enabled=True, master="local[2]", shuffle_partitions=4))
+    return builds
+
+
+def test_feature_build_with_engine_spark_gives_the_single_machine_features(ml100k_builds, ml100k_prepared):
+    from m2rec.data.prepared import PreparedDataset
+    from m2rec.features.store import FeatureClient
+    from m2rec.features.tables import split_cutoffs
+
+    pandas_build, spark_build = ml100k_builds["pandas"], ml100k_builds["spark"]
+    assert (pandas_build["engine"], spark_build["engine"]) == ("pandas", "spark")
+    assert spark_build["build_key"] == pandas_build["build_key"]  # the same tables: the same build
+    assert spark_build["counts"] == pandas_build["counts"] == {"users": 943, "items": 1349, "sequence_rows": 943 * 3}
+    assert Path(spark_build["files"]["user_sequences"]).is_dir()  # Spark's parts, read by Feast's DuckDB store
+    pd.testing.assert_frame_equal(sequence_frame(spark_build["files"]["user_sequences"]),
+                                  sequence_frame(pandas_build["files"]["user_sequences"]))
+    dataset = PreparedDataset.load(ml100k_prepared)
+    rows = split_cutoffs(dataset.interactions, "train")
+    ours = FeatureClient(spark_build["repo_dir"]).training_sequences(rows)
+    theirs = FeatureClient(pandas_build["repo_dir"]).training_sequences(rows)
+    assert [list(s) for s in ours["item_sequence"]] == [list(s) for s in theirs["item_sequence"]] \
+        == [s[-200:].tolist() for s in dataset.train_sequences()]
+    users = rows["user_id"].tolist()
+    assert FeatureClient(spark_build["repo_dir"]).snapshot_sequences(users) \
+        == FeatureClient(pandas_build["repo_dir"]).snapshot_sequences(users)
+
+
+def test_training_reads_through_the_spark_offline_store_equal_the_file_store(ml100k_builds, ml100k_prepared):
+    import yaml
+
+    from m2rec.data.prepared import PreparedDataset
+    from m2rec.features.store import FeatureClient
+    from m2rec.features.tables import split_cutoffs
+    from m2rec.stages.train import features_from_store
+
+    spark_store, file_store = ml100k_builds["spark_store"], ml100k_builds["pandas"]
+    repo = Path(spark_store["repo_dir"])
+    assert spark_store["build_key"] != file_store["build_key"]  # another repository: its own key
+    config = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    assert config["offline_store"]["type"] == "spark"
+    assert config["offline_store"]["spark_conf"]["spark.master"] == "local[2]"
+    client, reference = FeatureClient(repo), FeatureClient(file_store["repo_dir"])
+    assert type(client.store.get_data_source("user_sequences_source")).__name__ == "SparkSource"
+    dataset = PreparedDataset.load(ml100k_prepared)
+    for split in ("train", "valid"):  # point in time: the valid cutoff's sequence ends with the valid item
+        rows = split_cutoffs(dataset.interactions, split)
+        ours, theirs = client.training_sequences(rows), reference.training_sequences(rows)
+        pd.testing.assert_frame_equal(ours.drop(columns="item_sequence"), theirs.drop(columns="item_sequence"),
+                                      check_dtype=False)
+        assert [list(s) for s in ours["item_sequence"]] == [list(s) for s in theirs["item_sequence"]]
+    sequences, embeddings = features_from_store(repo, dataset)  # what `m2rec train --feature-repo` reads
+    expected_sequences, expected_embeddings = features_from_store(file_store["repo_dir"], dataset)
+    assert [s.tolist() for s in sequences] == [s.tolist() for s in expected_sequences]
+    np.testing.assert_array_equal(embeddings, expected_embeddings)

@@ -12,7 +12,18 @@ import pandas as pd
 
 from m2rec.data.errors import DataError
 
-REQUIRED_FILES = ("interactions.parquet", "items.parquet", "stats.json")
+INTERACTIONS_FILE = "interactions.parquet"  # one file, or a folder of parts (the Spark engine's)
+REQUIRED_FILES = (INTERACTIONS_FILE, "items.parquet", "stats.json")
+
+
+def load_catalog(directory: str | Path) -> tuple[pd.DataFrame, dict]:
+    """(items, stats) of the prepared dataset in `directory`, without its interactions (which may not fit memory)."""
+    directory = Path(directory)
+    missing = [name for name in REQUIRED_FILES if not (directory / name).exists()]
+    if missing:
+        raise DataError(f"{directory} lacks {', '.join(missing)}",
+                        "run `m2rec data prepare --output DIR` first and pass that DIR")
+    return pd.read_parquet(directory / "items.parquet"), json.loads((directory / "stats.json").read_text())
 
 
 @dataclass
@@ -25,16 +36,8 @@ class PreparedDataset:
 
     @classmethod
     def load(cls, directory: str | Path) -> "PreparedDataset":
-        directory = Path(directory)
-        missing = [name for name in REQUIRED_FILES if not (directory / name).exists()]
-        if missing:
-            raise DataError(f"{directory} lacks {', '.join(missing)}",
-                            "run `m2rec data prepare --output DIR` first and pass that DIR")
-        return cls(
-            pd.read_parquet(directory / "interactions.parquet"),
-            pd.read_parquet(directory / "items.parquet"),
-            json.loads((directory / "stats.json").read_text()),
-        )
+        items, stats = load_catalog(directory)
+        return cls(pd.read_parquet(Path(directory) / INTERACTIONS_FILE), items, stats)
 
     @property
     def num_items(self) -> int:

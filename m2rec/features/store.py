@@ -94,4 +94,7 @@ class FeatureClient:
         split."""
         rows = entity_rows.assign(_row=np.arange(len(entity_rows)))
         frame = self.store.get_historical_features(entity_df=rows, features=self._training).to_df()
-        return frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+        frame = frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+        # the caller's own entity columns, as given: offline stores return their times in different types
+        frame[list(entity_rows.columns)] = entity_rows.reset_index(drop=True)
+        return frame

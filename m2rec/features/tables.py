@@ -5,6 +5,7 @@ first) at each split cutoff: the last training event, the validation event and t
 that event's time. A point-in-time lookup at a cutoff returns the user's history as of it (between cutoffs: as of
 the latest cutoff before), and the latest row of each user, the one materialized online, is the user's full known
 history (train + valid + test). Three snapshots per user, not one per event: the table grows with users x window.
+`m2rec.spark.features` builds the same sequence table as a Spark job (`spark.enabled`, `--engine spark`).
 """
 
 from __future__ import annotations
