@@ -1,6 +1,7 @@
 """The production loop, end to end, on this machine: a scheduled retraining next to a live `bentoml serve`.
 
     python benchmarks/loop.py [--tiny] [--workdir DIR]
+    python benchmarks/loop.py --restart --clients 6 --events 150   # a crash of the service mid-traffic
 
 1. Cycle 1: the pipeline (kfp.local) trains, registers v1 as champion and packages it; `bentoml serve` (2 workers)
    starts on the Bento and follows the `champion` alias (polled every second here).
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import requests
 
-from m2rec.serving.launcher import bentoml_serve
+from m2rec.serving.launcher import bentoml_serve, bentoml_server, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loop.json"
 M2REC = Path(sys.executable).parent / "m2rec"
@@ -58,6 +59,8 @@ class Traffic:
     requests: int = 0
     non_2xx: list[str] = field(default_factory=list)
     versions: list[tuple[float, str]] = field(default_factory=list)  # (time, model_version) of each reply
+    retry_until_acknowledged: bool = False  # an event whose request failed is sent again, same event_id
+    resent_after_failure: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -92,6 +95,11 @@ def client(url: str, users: list[str], items: list[str], traffic: Traffic, seed:
             attempts = 2 if rng.random() < 0.15 else 1  # a retry of the same event
             for attempt in range(attempts):
                 reply = _post(session, url, "/events", body, traffic)
+                while reply is None and traffic.retry_until_acknowledged and not traffic.stop.is_set():
+                    time.sleep(0.2)  # the service is down or restarting: a real client retries the same event
+                    with traffic.lock:
+                        traffic.resent_after_failure += 1
+                    reply = _post(session, url, "/events", body, traffic)
                 if reply is not None:
                     with traffic.lock:
                         traffic.accepted[body["event_id"]] = body
@@ -144,6 +152,15 @@ def prepared_dataset(workdir: Path, dataset_version: str) -> Path:
     raise FileNotFoundError(f"no prepared dataset {dataset_version} under {workdir / 'kfp'}")
 
 
+def lost_and_duplicated(logged, traffic: Traffic) -> tuple[int, int]:
+    """Acknowledged events missing from the log, and events logged more than once (by event_id or by user, item
+    and time)."""
+    lost = len(set(traffic.accepted) - set(logged["event_id"]))
+    duplicated = int(logged["event_id"].duplicated().sum()) + int(
+        logged.duplicated(["user_id", "item_id", "timestamp"]).sum())
+    return lost, duplicated
+
+
 def verify(workdir: Path, traffic: Traffic, v2: dict) -> dict:
     """Every accepted event: logged once; in its user's sequence as the service sees it and in the online store
     (Feast); in version 2's training data exactly once when v2's cutoff includes it."""
@@ -155,10 +172,7 @@ def verify(workdir: Path, traffic: Traffic, v2: dict) -> dict:
 
     log = EventLog(f"sqlite:///{workdir / 'events.db'}")
     logged = log.read(log.cutoff())
-    accepted_ids = set(traffic.accepted)
-    lost = len(accepted_ids - set(logged["event_id"]))
-    duplicated = int(logged["event_id"].duplicated().sum()) + int(
-        logged.duplicated(["user_id", "item_id", "timestamp"]).sum())
+    lost, duplicated = lost_and_duplicated(logged, traffic)
     data = prepared_dataset(workdir, v2["dataset_version"])
     through = json.loads((data / "stats.json").read_text())["events"]["through_seq"]
     interactions = pd.read_parquet(data / "interactions.parquet")
@@ -175,6 +189,62 @@ def verify(workdir: Path, traffic: Traffic, v2: dict) -> dict:
             "online_sequences_match": served == mirrored, "users": len(users)}
 
 
+def service_env(v1: dict, workers: int) -> dict[str, str]:
+    """The environment `bentoml serve` runs in: the pipeline's BentoML home, a 1 s registry poll, `workers`."""
+    return {**os.environ, "BENTOML_HOME": v1["package"]["bentoml_home"], "BENTOML_DO_NOT_TRACK": "true",
+            "M2REC_POLL_SECONDS": "1", "M2REC_RELOAD_TOKEN": RELOAD_TOKEN, "HF_HUB_OFFLINE": "1",
+            "BENTOML_CONFIG_OPTIONS": f"services.m2rec_service.workers={workers}"}
+
+
+def users_and_items(workdir: Path, v1: dict, n_users: int = 40) -> tuple[list[str], list[str]]:
+    """`n_users` users of v1's training data (drawn with a fixed seed) and every item."""
+    import pandas as pd
+
+    interactions = pd.read_parquet(prepared_dataset(workdir, v1["dataset_version"]) / "interactions.parquet")
+    users = random.Random(0).sample(sorted(interactions["user_id"].unique()), n_users)
+    return users, sorted(interactions["item_id"].unique())
+
+
+def run_restart_scenario(workdir: Path, clients: int = 6, events_budget: int = 150, events_per_s: float = 4.0,
+                         workers: int = 2, kill_after: int = 40) -> dict:
+    """A crash in the middle of traffic: `bentoml serve` (`workers` workers) and all its workers are SIGKILLed
+    once `kill_after` events are acknowledged, then started again on the same port, while `clients` clients keep
+    sending events and retry each unacknowledged one (same event_id) until it is. Returns what the log holds
+    against what was acknowledged."""
+    from m2rec.events.log import EventLog
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    v1 = run_pipeline(workdir, [*TINY, "--epochs", "1"], workdir / "cycle1.log")
+    env, port = service_env(v1, workers), free_port()
+    users, items = users_and_items(workdir, v1)
+    traffic = Traffic(events_budget, events_per_s, retry_until_acknowledged=True)
+    url = f"http://127.0.0.1:{port}"
+    threads = [threading.Thread(target=client, args=(url, users, items, traffic, seed)) for seed in range(clients)]
+    log_path = workdir / "serve.log"
+    with bentoml_server(v1["package"]["bento_tag"], env, log_path, cwd=workdir, port=port) as server:
+        traffic.started = time.time()  # the pace counts from the first client
+        for thread in threads:
+            thread.start()
+        while len(traffic.accepted) < kill_after:
+            time.sleep(0.1)
+        server.kill()
+        killed_at = (len(traffic.accepted), traffic.sent)
+    with bentoml_server(v1["package"]["bento_tag"], env, log_path, cwd=workdir, port=port):
+        restarted_at = (len(traffic.accepted), traffic.sent)
+        deadline = time.time() + 120
+        while time.time() < deadline and (traffic.sent < events_budget or len(traffic.accepted) < traffic.sent):
+            time.sleep(0.2)
+        traffic.stop.set()
+        for thread in threads:
+            thread.join()
+    log = EventLog(f"sqlite:///{workdir / 'events.db'}")
+    lost, duplicated = lost_and_duplicated(log.read(log.cutoff()), traffic)
+    return {"sent": traffic.sent, "accepted": len(traffic.accepted), "lost": lost, "duplicated": duplicated,
+            "accepted_when_killed": killed_at[0], "sent_when_killed": killed_at[1],
+            "accepted_when_restarted": restarted_at[0], "resent_after_failure": traffic.resent_after_failure,
+            "retries_answered_duplicate": traffic.duplicate_replies, "workers": workers, "clients": clients}
+
+
 def run_scenario(workdir: Path, tiny: bool = True, clients: int = 8, events_budget: int = 400,
                  events_per_s: float = 3.0, workers: int = 2) -> dict:
     """The scenario of the module docstring in `workdir`; returns what loop.json holds."""
@@ -183,17 +253,8 @@ def run_scenario(workdir: Path, tiny: bool = True, clients: int = 8, events_budg
     started = time.time()
     v1 = run_pipeline(workdir, [*size, "--epochs", "1"], workdir / "cycle1.log")
     tracking_uri = v1["arguments"]["tracking_uri"]
-    home = Path(v1["package"]["bentoml_home"])
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "M2REC_POLL_SECONDS": "1",
-           "M2REC_RELOAD_TOKEN": RELOAD_TOKEN, "HF_HUB_OFFLINE": "1",
-           "BENTOML_CONFIG_OPTIONS": f"services.m2rec_service.workers={workers}"}
-    data = prepared_dataset(workdir, v1["dataset_version"])
-    import pandas as pd
-
-    interactions = pd.read_parquet(data / "interactions.parquet")
-    rng = random.Random(0)
-    users = rng.sample(sorted(interactions["user_id"].unique()), 40)
-    items = sorted(interactions["item_id"].unique())
+    env = service_env(v1, workers)
+    users, items = users_and_items(workdir, v1)
     traffic, moves, stop_watch = Traffic(events_budget, events_per_s), [], threading.Event()
     with bentoml_serve(v1["package"]["bento_tag"], env, workdir / "serve.log", cwd=workdir) as url:
         threads = [threading.Thread(target=client, args=(url, users, items, traffic, seed)) for seed in range(clients)]
@@ -252,11 +313,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--events", type=int, default=400, help="Distinct events the clients send at most.")
     parser.add_argument("--events-per-s", type=float, default=3.0, help="Pace of new events across the scenario.")
+    parser.add_argument("--restart", action="store_true",
+                        help="Instead: SIGKILL the service and its workers mid-traffic and restart it (tiny data); "
+                             "writes loop_restart.json.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        result = run_scenario(args.workdir or Path(scratch), args.tiny, args.clients, args.events, args.events_per_s)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        workdir = args.workdir or Path(scratch)
+        result = run_restart_scenario(workdir, args.clients, args.events, args.events_per_s) if args.restart \
+            else run_scenario(workdir, args.tiny, args.clients, args.events, args.events_per_s)
+    output = RESULTS.with_name("loop_restart.json") if args.restart else RESULTS
+    output.parent.mkdir(exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, indent=2, default=str))
 
 
