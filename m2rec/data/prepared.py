@@ -14,6 +14,7 @@ from m2rec.data.errors import DataError
 
 INTERACTIONS_FILE = "interactions.parquet"  # one file, or a folder of parts (the Spark engine's)
 REQUIRED_FILES = (INTERACTIONS_FILE, "items.parquet", "stats.json")
+SEQUENCE_COLUMNS = ["user_idx", "item_idx", "timestamp"]  # enough for user_sequences, histories, train_sequences
 
 
 def load_catalog(directory: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -35,9 +36,11 @@ class PreparedDataset:
     stats: dict
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PreparedDataset":
+    def load(cls, directory: str | Path, columns: list[str] | None = None) -> "PreparedDataset":
+        """The tables in `directory`; `columns` reads only those interaction columns (SEQUENCE_COLUMNS: what
+        sequences, histories and training need, without the string ids, a fraction of the memory)."""
         items, stats = load_catalog(directory)
-        return cls(pd.read_parquet(Path(directory) / INTERACTIONS_FILE), items, stats)
+        return cls(pd.read_parquet(Path(directory) / INTERACTIONS_FILE, columns=columns), items, stats)
 
     @property
     def num_items(self) -> int:

@@ -86,10 +86,10 @@ def validation_gates(trained: TrainedModel, data_dir: str | Path, batch_size: in
                      ) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     """Gate weights (U, n_branches) at the last position of every validation history, the branch names and the
     history lengths; None for models without a gate."""
-    from m2rec.data.prepared import PreparedDataset
+    from m2rec.data.prepared import SEQUENCE_COLUMNS, PreparedDataset
     from m2rec.inference import Recommender
 
-    data = PreparedDataset.load(data_dir)
+    data = PreparedDataset.load(data_dir, SEQUENCE_COLUMNS)
     if data.stats.get("dataset_version") != trained.dataset_version:
         raise DataError(f"{data_dir} is dataset {data.stats.get('dataset_version')}, but the model was trained "
                         f"on {trained.dataset_version}", "pass the --data folder the model was trained on")

@@ -72,12 +72,12 @@ def gate(model_dir: str | Path, data_dir: str | Path, tracking_uri: str | None =
     the current champion's on the same data (GateVerdict.as_dict())."""
     from mlflow.tracking import MlflowClient
 
-    from m2rec.data.prepared import PreparedDataset
+    from m2rec.data.prepared import SEQUENCE_COLUMNS, PreparedDataset
     from m2rec.registry.config import split_metric
     from m2rec.registry.gate import champion_value, decide, score_on
 
     split, name = split_metric(metric)
-    data = PreparedDataset.load(data_dir)
+    data = PreparedDataset.load(data_dir, SEQUENCE_COLUMNS)
     value = score_on(model_dir, data, split, mask_history)[name]
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     registered = [m.name for m in client.search_registered_models(filter_string=f"name = '{model_name}'")]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from m2rec.data.prepared import PreparedDataset
+from m2rec.data.prepared import SEQUENCE_COLUMNS, PreparedDataset
 from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import ModelParams, uses_text
@@ -98,7 +98,7 @@ def train(
     text_params = text_params or TextEncoderParams()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    data = PreparedDataset.load(data_dir)
+    data = PreparedDataset.load(data_dir, None if feature_repo else SEQUENCE_COLUMNS)  # entity rows need user ids
     sequences, embeddings = features_from_store(feature_repo, data) if feature_repo else (None, None)
     text = text_matrix(data, model_type, model_params, text_params, embeddings)
     model, result = fit(data, model_type, model_params, train_params, output, text, resume=resume,
@@ -130,7 +130,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, mask_history: bool = F
              output: str | Path | None = None) -> dict:
     """Recompute validation and test metrics of a saved model on `data_dir`; optionally write them as JSON."""
     config = read_model_config(model_dir)
-    data = PreparedDataset.load(data_dir)
+    data = PreparedDataset.load(data_dir, SEQUENCE_COLUMNS)
     if config.get("dataset_version") != data.stats["dataset_version"]:
         log.warning("model was trained on dataset %s, evaluating on %s", config.get("dataset_version"),
                     data.stats["dataset_version"])
