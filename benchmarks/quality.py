@@ -444,6 +444,19 @@ def save(output: Path, dataset: str, entry: dict) -> dict:
     return results
 
 
+def stored_runs_table(runs_dir: Path) -> str:
+    """Markdown table of the runs stored under `runs_dir` (one folder per dataset): what an unfinished study has."""
+    lines = ["| dataset | variant | point | seed | cold start | valid NDCG@10 | test HR@10 | test NDCG@10 | best epoch "
+             "| epochs run | device |", "|---" * 11 + "|"]
+    for path in sorted(runs_dir.glob("*/*.json")):
+        run = json.loads(path.read_text())
+        job = run["job"]
+        lines.append(f"| {path.parent.name} | {job['variant']} | {job['point']} | {job['seed']} | "
+                     f"{job['held_out_items'] or '-'} | {run['valid']['NDCG@10']:.4f} | {run['test']['HR@10']:.4f} | "
+                     f"{run['test']['NDCG@10']:.4f} | {run['best_epoch']} | {len(run['curve'])} | {run['device']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", action="append", type=Path, help="dataset folder (repeatable)")
@@ -470,7 +483,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="ml-100k, one seed, no grid, no cold start, batch 128, 10 epochs (no early stop)")
     parser.add_argument("--output", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--status", action="store_true", help="list the stored runs (of unfinished studies too)")
     args = parser.parse_args()
+    if args.status:
+        print(stored_runs_table(RUNS))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     torch.set_num_threads(threads)
