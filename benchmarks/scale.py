@@ -13,12 +13,15 @@ b of seconds ~ size^b per stage. Resumable: a finished (engine, size, stage) is 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -111,6 +114,29 @@ def exponent(sizes: list[int], seconds: list[float]) -> float | None:
     return round(float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0]), 3)
 
 
+@contextmanager
+def results_file(path: Path) -> Iterator[dict]:
+    """The results, read and written back under an exclusive lock, so that runs of several engines or sizes at once
+    each add their own entries and never overwrite another's."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        yield results
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def with_exponents(measured_by_size: dict) -> dict:
+    """The fitted growth exponent of each stage over the sizes where it finished."""
+    by_size = {size: stages for size, stages in measured_by_size.items() if not size.startswith("_")}
+    exponents = {}
+    for name in sorted({stage for stages in by_size.values() for stage in stages}):
+        measured = [(int(size), s[name]["seconds"]) for size, s in by_size.items() if s.get(name, {}).get("ok")]
+        exponents[name] = exponent(*map(list, zip(*measured))) if measured else None
+    return exponents
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000])
@@ -119,32 +145,29 @@ def main() -> None:
     parser.add_argument("--train-epoch", nargs="*", choices=["full", "sampled"], default=[],
                         help="also time one training epoch with these losses (long on a CPU)")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for engine in args.engines:
         for size in args.sizes:
             work = args.workdir / str(size)
             if not (work / "raw" / "ratings.csv").is_file():
                 generate(size, work / "raw")
-            done = results.setdefault(engine, {}).setdefault(str(size), {})
             for name, command in stages(size, engine, work, args.train_epoch):
+                with results_file(RESULTS) as results:
+                    done = results.get(engine, {}).get(str(size), {}).get(name, {}).get("ok")
                 needed_again = name == "prepare" and not (work / f"data-{engine}" / "stats.json").is_file()
-                if done.get(name, {}).get("ok") and not needed_again:  # a later stage may need prepare's output
+                if done and not needed_again:  # a later stage may need prepare's output
                     continue
-                done[name] = run_stage(command, work / f"{engine}-{name}.log")
-                if name == "features" and done[name]["ok"]:
+                measured = run_stage(command, work / f"{engine}-{name}.log")
+                if name == "features" and measured["ok"]:
                     build = next((work / f"features-{engine}").glob("*/data/build.json"))
                     (work / f"build-{engine}.json").write_text(build.read_text())
-                print(engine, size, name, done[name], flush=True)
-                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        by_size = {size: measured for size, measured in results[engine].items() if not size.startswith("_")}
-        for name in {stage for measured in by_size.values() for stage in measured}:
-            measured = [(int(size), s[name]["seconds"]) for size, s in by_size.items() if name in s and s[name]["ok"]]
-            results[engine].setdefault("_exponents", {})[name] = exponent(*map(list, zip(*measured))) \
-                if measured else None
-    results["_meta"] = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                        "load_average": os.getloadavg()[0]}
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+                print(engine, size, name, measured, flush=True)
+                with results_file(RESULTS) as results:
+                    results.setdefault(engine, {}).setdefault(str(size), {})[name] = measured
+                    results[engine]["_exponents"] = with_exponents(results[engine])
+    with results_file(RESULTS) as results:
+        results["_meta"] = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                            "load_average": os.getloadavg()[0]}
+        print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
