@@ -28,6 +28,7 @@ from m2rec.training.cold_start import impute_untrained_embeddings
 from m2rec.training.loss import LossKind, NextItemLoss
 from m2rec.training.stopping import should_stop
 from m2rec.utils.atomic import atomic_write_bytes
+from m2rec.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ def train_model(
     """Train `model` in place, keep the best-validation weights, checkpoint every epoch; returns the history.
     With `resume`, continue from `checkpoint_dir/checkpoint.pt` and end with the same weights as an
     uninterrupted run."""
+    return_freed_memory()  # steps of varying shapes would otherwise fragment the heap and grow the process
     run, state = _set_up(model, train_sequences, params, checkpoint_dir)
     _start(run, state, params, resume)
     started = time.perf_counter()
