@@ -18,7 +18,6 @@ DATA = REPO / "data"  # absolute: the DuckDB offline store resolves paths from t
 NO_EXPIRY = timedelta(0)  # Feast reads a ttl of 0 as "never expires": a sequence holds until the next event
 
 
-
 def offline_store_type() -> str:
     """The `offline_store.type` of this repository's feature_store.yaml (the committed template: duckdb)."""
     config = REPO / "feature_store.yaml"
@@ -27,12 +26,14 @@ def offline_store_type() -> str:
 
 def parquet_source(name: str, file: str):
     """The parquet table data/`file` (one file or a folder of parts) as the offline store reads it."""
-    if offline_store_type() == "spark":
+    if OFFLINE_STORE == "spark":
         from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
         return SparkSource(name=name, path=str(DATA / file), file_format="parquet", timestamp_field="event_timestamp")
     return FileSource(name=name, path=str(DATA / file), timestamp_field="event_timestamp")
 
+
+OFFLINE_STORE = offline_store_type()  # read once for every source
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
               description="A user, by the dataset's original id.")
