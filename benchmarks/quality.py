@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2rec.data.prepare import PrepareParams
+from m2rec.data.prepare import PrepareParams, build_tables, write_tables
 from m2rec.data.prepared import PreparedDataset
-from m2rec.data.sources import SourceSpec
+from m2rec.data.schema import RawDataset
+from m2rec.data.sources import SourceSpec, read_source
 from m2rec.evaluation.metrics import per_user_metrics
 from m2rec.model.config import PAPER_DESIGN, ModelParams
 from m2rec.stages.prepare import prepare
@@ -101,12 +102,29 @@ def detect_format(path: Path) -> str:
     raise SystemExit(f"cannot tell the format of {path}; pass --format")
 
 
-def load_dataset(path: Path, fmt: str | None) -> tuple[str, Path]:
-    """Prepare a dataset read from where it lies (once, cached under benchmarks/.cache); its name and folder."""
-    out = CACHE / "data" / path.name
+def load_dataset(path: Path, fmt: str | None, sample_users: int | None = None) -> tuple[str, Path]:
+    """Prepare a dataset read from where it lies (once, cached under benchmarks/.cache); its name and folder. With
+    `sample_users`, a seeded sample of that many users (before the k-core filter) under the name
+    `<dataset>-<N>users`: a small dataset with the large one's item text, for questions of small data."""
+    name = path.name if sample_users is None else f"{path.name}-{sample_users}users"
+    out = CACHE / "data" / name
     if not (out / "stats.json").exists():
-        prepare(SourceSpec(fmt or detect_format(path), str(path)), out, PrepareParams())
-    return path.name, out
+        source = SourceSpec(fmt or detect_format(path), str(path))
+        if sample_users is None:
+            prepare(source, out, PrepareParams())
+        else:
+            write_tables(out, *build_tables(sampled_users(read_source(source), sample_users), PrepareParams()))
+    return name, out
+
+
+def sampled_users(raw: RawDataset, users: int, seed: int = 0) -> RawDataset:
+    """`raw` with the interactions of `users` users drawn at random (seeded); the item table is kept whole."""
+    ids = raw.interactions["user_id"].unique()
+    if users >= len(ids):
+        raise SystemExit(f"--sample-users {users}: the dataset has only {len(ids)} users; ask for fewer")
+    kept = np.random.default_rng(seed).choice(ids, size=users, replace=False)
+    interactions = raw.interactions[raw.interactions["user_id"].isin(kept)].reset_index(drop=True)
+    return dataclasses.replace(raw, interactions=interactions, notes=[*raw.notes, f"{users} users sampled (seed {seed})"])
 
 
 def configure(variant: str, point: dict, max_length: int) -> tuple[str, ModelParams, dict]:
@@ -300,6 +318,7 @@ def summarize(runs: list[dict]) -> dict:
     summary["valid_NDCG@10"] = {"mean": float(np.mean(valid)), "std": float(np.std(valid))}
     summary["seeds"] = [r["seed"] for r in runs]
     summary["best_epochs"] = [r["best_epoch"] for r in runs]
+    summary["epochs_run"] = [len(r["curve"]) for r in runs]
     summary["train_seconds"] = [round(r["train_seconds"], 1) for r in runs]
     summary["devices"] = sorted({r["device"] for r in runs})
     if runs[0]["gates"] is not None:
@@ -358,6 +377,28 @@ def stopping_rule(meta: dict) -> str:
             f"EMA of weight {meta['smoothing']}, not before epoch {meta['min_epochs']}")
 
 
+def epochs_cell(model: dict) -> str:
+    """Best epoch / epochs run per seed, e.g. `20/29, 18/30` (studies stored before epochs_run: best epochs)."""
+    if "epochs_run" not in model:
+        return str(model["best_epochs"])
+    return ", ".join(f"{b}/{r}" for b, r in zip(model["best_epochs"], model["epochs_run"]))
+
+
+def stop_check(models: dict, max_epochs: int) -> str:
+    """Which runs ended at the epoch cap (the stopping rule had not fired: stopped before their plateau) and which
+    had their best epoch in the first quarter of the run."""
+    if not all("epochs_run" in m for m in models.values()):
+        return "This study did not record the epochs each run trained."
+    capped, early = [], []
+    for variant, m in models.items():
+        for seed, best, run in zip(m["seeds"], m["best_epochs"], m["epochs_run"]):
+            capped += [f"{variant} (seed {seed})"] if run >= max_epochs else []
+            early += [f"{variant} (seed {seed}: {best}/{run})"] if best <= run / 4 else []
+    return (f"Runs that reached the {max_epochs}-epoch cap before the stopping rule fired: "
+            f"{', '.join(capped) or 'none'}. Runs whose best epoch is in the first quarter of the run: "
+            f"{', '.join(early) or 'none'}.")
+
+
 def models_of(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k != "_meta"}
 
@@ -373,12 +414,13 @@ def markdown(results: dict) -> str:
                   f"{models[next(iter(models))]['seeds']}. "
                   "Trained on: "
                   f"{', '.join(sorted({d for m in models.values() for d in m['devices']}))}.", "",
-                  "| model | " + " | ".join(REPORTED) + " | best epochs | train s |",
+                  "| model | " + " | ".join(REPORTED) + " | best epoch / epochs run | train s |",
                   "|---" * (len(REPORTED) + 3) + "|"]
         for variant, m in models.items():
             cells = [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in REPORTED]
-            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {m['best_epochs']} | "
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {epochs_cell(m)} | "
                          f"{np.mean(m['train_seconds']):.0f} |")
+        lines += ["", stop_check(models, meta["max_epochs"])]
         lines += ["", "Paired over test users, seeds pooled: relative difference of M2Rec's mean to the other "
                   "model's, bootstrap 95% interval, two-sided sign-flip permutation p-value.", "",
                   "| M2Rec vs | metric | relative difference | 95% interval | p-value |", "|---|---|---|---|---|"]
@@ -461,6 +503,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", action="append", type=Path, help="dataset folder (repeatable)")
     parser.add_argument("--format", help="data layer format, if it cannot be detected")
+    parser.add_argument("--sample-users", type=int,
+                        help="study a seeded sample of this many users of each dataset (named <dataset>-<N>users)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=50)
@@ -505,7 +549,7 @@ def main() -> None:
     pool = None if args.jobs == 1 else concurrent.futures.ProcessPoolExecutor(
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     for path in args.dataset:
-        name, data_dir = load_dataset(path.resolve(), args.format)
+        name, data_dir = load_dataset(path.resolve(), args.format, args.sample_users)
         carried = json.loads(args.chosen_from.read_text()).get(name, {}).get("_meta", {}).get("chosen") \
             if args.chosen_from else None
         entry = study_dataset(Study(data_dir, train, pool), args.models, grid_points(args.grid), args.seeds,

@@ -68,9 +68,27 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert saved["tiny"]["m2rec"]["HR@10"]["mean"] == pytest.approx(entry["m2rec"]["HR@10"]["mean"])
     report = output.with_suffix(".md").read_text()
     assert "| m2rec |" in report and "| sasrec_text |" in report and "smoothed by an EMA" in report
+    assert entry["m2rec"]["epochs_run"] == [1, 1]  # one epoch allowed: every run ended at the cap
+    assert "cap before the stopping rule fired: m2rec (seed 42), m2rec (seed 43)" in report
     older = json.loads(json.dumps(entry))  # a study stored before sasrec_text and the smoothed stopping rule
     for key in ("min_epochs", "smoothing"):
         del older["_meta"][key]
     del older["_meta"]["cold_start"]["sasrec_text"]
+    for model in quality.models_of(older).values():
+        del model["epochs_run"]
     assert "early stop after" in quality.markdown({"older": older})
+    assert "did not record the epochs" in quality.markdown({"older": older})
     assert (output.parent / "quality_curves.png").stat().st_size > 0
+
+
+def test_sampled_users_keep_whole_histories_of_a_seeded_sample():
+    from m2rec.data.sources import SourceSpec, read_source
+
+    raw = read_source(SourceSpec("synthetic"))
+    sample = quality.sampled_users(raw, 50)
+    assert sample.interactions["user_id"].nunique() == 50 and len(sample.items) == len(raw.items)
+    kept = raw.interactions[raw.interactions["user_id"].isin(sample.interactions["user_id"].unique())]
+    assert len(sample.interactions) == len(kept)  # every interaction of a drawn user, none of the others
+    assert quality.sampled_users(raw, 50).interactions.equals(sample.interactions)  # seeded
+    with pytest.raises(SystemExit, match="ask for fewer"):
+        quality.sampled_users(raw, 10**6)
