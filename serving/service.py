@@ -11,7 +11,7 @@ BentoML 1.4.40's inter-service client closes its session every 100 requests with
 ("Cannot write to closing transport"; cf. bentoml/BentoML#5540), and one process saves an HTTP hop per request.
 
 What it serves: the packaged BentoML model at start, then whatever version the registry's `champion` alias names
-(polled every `serving.poll_interval_s`; `/reload` checks at once), each with the feature build it was trained
+(polled every `serving.poll_interval_s`; `/reload` has every worker check at once), each with the feature build it was trained
 with. Events are recorded in the event log (durable and applied once before the reply) and reach the next
 retraining. Configuration: what `m2rec package` recorded, overridden by MLFLOW_TRACKING_URI (or M2REC_TRACKING_URI),
 M2REC_FEATURE_ROOT, M2REC_EVENTS_URL, M2REC_FOLLOW_ALIAS ("" pins the packaged version), M2REC_POLL_SECONDS,
@@ -127,13 +127,14 @@ class M2RecService:
 
     @bentoml.api
     async def reload(self, ctx: bentoml.Context) -> dict:
-        """Ask the registry now where the followed alias points and move there (this worker; the others follow
-        within their poll interval). Needs `Authorization: Bearer <M2REC_RELOAD_TOKEN>`."""
+        """Ask the registry now where the followed alias points and move there: this worker at once, the service's
+        other workers within a second, other replicas within their poll interval. Needs `Authorization: Bearer
+        <M2REC_RELOAD_TOKEN>`."""
         failure = token_failure(ctx.request.headers, os.environ.get("M2REC_RELOAD_TOKEN"))
         if failure is not None:
             ctx.response.status_code = failure.status  # a dict endpoint: the status goes through the context
             return failure.body()
-        return await asyncio.get_running_loop().run_in_executor(None, self.follower.check)
+        return await asyncio.get_running_loop().run_in_executor(None, self.follower.request_reload)
 
     @bentoml.api
     async def items(self, ctx: bentoml.Context, item_id: ItemId, text: ItemText, title: ItemTitle = None

@@ -21,6 +21,7 @@ VARIANTS = {
     "m2rec_no_fft": ("m2rec", {"use_frequency": False}),
     "m2rec_no_text": ("m2rec", {"use_text": False}),
     "m2rec_no_gate": ("m2rec", {"gate": "mean"}),
+    "m2rec_text_in_sequence": ("m2rec", {"text_in_sequence": True}),
 }
 
 
@@ -178,3 +179,15 @@ def test_sasrec_text_reads_and_scores_items_by_id_plus_text():
     plain = make("sasrec")
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
     assert not torch.allclose(plain.encode(history), model.encode(history))
+
+
+@pytest.mark.parametrize("name, reads_history_text", [("m2rec_default", False), ("m2rec_text_in_sequence", True)])
+def test_text_in_sequence_lets_the_sequence_branches_read_the_history_text(name, reads_history_text):
+    """With text_in_sequence the sequence branches read each history item as ID plus projected text, so changing an
+    earlier item's text changes the output at a later position; without it only the current item's text counts."""
+    model = make(name)
+    history = torch.tensor([[3, 7, 9, 4]])
+    before = model.encode(history)[:, -1]  # (1, H)
+    model.item_text[3] += 1.0  # the text of the first item only
+    after = model.encode(history)[:, -1]
+    assert (not torch.allclose(after, before)) == reads_history_text

@@ -4,11 +4,13 @@ for every endpoint and error case."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -531,6 +533,41 @@ def test_the_follower_swaps_in_the_champion_keeps_the_old_on_failure_and_rolls_b
     MlflowClient(uri).set_registered_model_alias("m2rec", "champion", "1")
     assert follower.check()["model_version"] == "m2rec v1"
     assert states.get_many("m2rec v0@retired", ["u"]) == {}
+
+
+def test_a_reload_asked_of_one_worker_moves_every_worker_sharing_the_model_cache(
+        model_dir, tiny_synthetic, feature_build, events_url, workspace, tmp_path):
+    """Two followers as two workers of one service (one model cache, an hour between registry polls): a reload
+    asked of one moves the other too, within seconds; a marker left from before a worker started is not replayed."""
+    from m2rec.stages.register import promote, track
+
+    uri = sqlite_uri(tmp_path)
+    register(model_dir, tiny_synthetic, uri, feature_build=feature_build["build_key"])
+    sources = dataclasses.replace(ServiceSources.resolve(
+        {"tracking_uri": uri, "feature_root": str(workspace / "features"), "events_url": events_url}, {},
+        tmp_path / "home"), poll_interval_s=3600.0)
+    events = EventLog(events_url)
+    workers = [ChampionFollower(Ranker(model_dir, None, "m2rec v1"), "1", sources, events) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        promote(track(model_dir, tiny_synthetic, None, uri), model_dir, True, uri,
+                feature_build=feature_build["build_key"])
+        time.sleep(2.5)
+        assert [w.current.model_version for w in workers] == ["m2rec v1"] * 2  # nobody asked: the poll is an hour
+        assert workers[0].request_reload()["model_version"] == "m2rec v2"
+        deadline = time.monotonic() + 15
+        while workers[1].current.model_version != "m2rec v2" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert workers[1].current.model_version == "m2rec v2"
+        late = ChampionFollower(Ranker(model_dir, None, "m2rec v1"), "1", sources, events)
+        late.start()
+        time.sleep(2.5)
+        assert late.current.model_version == "m2rec v1" and late.last_check is None  # the old marker: no check
+        late.stop()
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def test_items_adds_an_item_that_recommend_and_events_take_at_once(server, users):

@@ -45,6 +45,9 @@ class ModelParams:
     # Share of items whose ID embedding is dropped from their output representation in each training step, so
     # that the text projection alone learns to place an item: what a catalog item without interactions has.
     item_id_dropout: Annotated[float, Interval(ge=0.0, lt=1.0)] = 0.0
+    # M2Rec: the temporal and frequency branches read each history item as it is scored (ID embedding plus
+    # projected text), not by its ID embedding alone, so the sequence model sees the text of the whole history.
+    text_in_sequence: bool = False
 
     def __post_init__(self) -> None:
         if self.gate not in ("learned", "mean"):

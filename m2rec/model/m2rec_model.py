@@ -62,8 +62,11 @@ class M2Rec(ScoredThroughText, RecurrentRecommender):
         ID embedding alone without the text branch."""
         return super().item_representations() if self.params.use_text else self.item_embedding.weight
 
-    def _embed(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H)
-        return self.norm(self.dropout(self.item_embedding(items)))
+    def _embed(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H): what the sequence branches read
+        embedded = self.item_embedding(items)
+        if self.params.use_text and self.params.text_in_sequence:
+            embedded = embedded + self.projected_text(items)  # as the item is scored; zero for padding
+        return self.norm(self.dropout(embedded))
 
     def _text(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H): the semantic branch
         return self.dropout(self.text_input(self.item_text[items]))

@@ -1,6 +1,10 @@
 """A running service follows the registry: it notices that an alias (`champion`) moved, loads that version and
 the feature build it was trained with in the background, and swaps them in at once; a version that fails to load
-leaves the one serving in place and says why (log and /readyz). Rolling back is moving the alias back."""
+leaves the one serving in place and says why (log and /readyz). Rolling back is moving the alias back.
+
+`/reload` reaches every worker of a service: the worker that answers checks at once and touches a marker file in
+the model cache that all of them share; each follower watches that marker every `RELOAD_WATCH_S` and checks when it
+changes. Replicas with a cache of their own follow within their poll interval."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from m2rec.serving.state_store import StatePrecision
 
 log = logging.getLogger(__name__)
 FEATURE_BUILD_TAG = "feature_build"  # on a registered version: the key of the feature build it was trained with
+RELOAD_MARKER = "reload-requested"  # in the model cache: touched by /reload, watched by every worker's follower
+RELOAD_WATCH_S = 1.0
 
 
 @dataclass
@@ -114,13 +120,16 @@ class ChampionFollower:
         self._lock = threading.Lock()  # one check at a time (poll thread and /reload)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._marker = sources.model_cache / RELOAD_MARKER
+        self._marker_seen = self._marker_time()  # a request made before this follower started is not replayed
 
     @property
     def follows(self) -> bool:
         return bool(self.sources.follow_alias and self.sources.tracking_uri)
 
     def start(self) -> None:
-        """Poll in a daemon thread every poll_interval_s (when there is an alias and a registry to follow)."""
+        """Poll in a daemon thread every poll_interval_s, and whenever another worker asks for a reload (when there
+        is an alias and a registry to follow)."""
         if not self.follows or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._poll, name="m2rec-follower", daemon=True)
@@ -132,8 +141,26 @@ class ChampionFollower:
         self._stop.set()
 
     def _poll(self) -> None:
-        while not self._stop.wait(self.sources.poll_interval_s):
-            self.check()
+        last = time.monotonic()
+        while not self._stop.wait(min(RELOAD_WATCH_S, self.sources.poll_interval_s)):
+            marker = self._marker_time()
+            if marker != self._marker_seen or time.monotonic() - last >= self.sources.poll_interval_s:
+                self._marker_seen, last = marker, time.monotonic()
+                self.check()
+
+    def _marker_time(self) -> int | None:
+        try:
+            return self._marker.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def request_reload(self) -> dict:
+        """Check now (see `check`) and have every other worker sharing the model cache check within
+        RELOAD_WATCH_S: what `/reload` does."""
+        self._marker.parent.mkdir(parents=True, exist_ok=True)
+        self._marker.write_text(f"{time.time_ns()}\n")  # a new mtime even within one clock tick of the last
+        self._marker_seen = self._marker_time()
+        return self.check()
 
     def check(self) -> dict:
         """Ask the registry where the alias points; load and swap in that version if it is not the one serving.
