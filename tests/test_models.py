@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -16,12 +18,11 @@ VARIANTS = {
     "sasrec_text": ("sasrec_text", {}),
     "mamba4rec": ("mamba4rec", {}),
     "m2rec": ("m2rec", PAPER_DESIGN),
-    "m2rec_default": ("m2rec", {}),  # one temporal scale
+    "m2rec_default": ("m2rec", {}),  # one temporal scale, text in the sequence branches
     "m2rec_two_layers": ("m2rec", {"num_layers": 2}),
     "m2rec_no_fft": ("m2rec", {"use_frequency": False}),
     "m2rec_no_text": ("m2rec", {"use_text": False}),
     "m2rec_no_gate": ("m2rec", {"gate": "mean"}),
-    "m2rec_text_in_sequence": ("m2rec", {"text_in_sequence": True}),
 }
 
 
@@ -158,6 +159,20 @@ def test_save_and_load_round_trip(name, tmp_path):
     torch.testing.assert_close(loaded(items, lengths), model(items, lengths))
 
 
+def test_a_model_saved_before_text_in_sequence_existed_loads_as_it_was_trained(tmp_path):
+    """A config written before model.text_in_sequence existed has no such key: it loads with the sequence branches
+    reading IDs, as it was trained, not with today's default."""
+    model = make("m2rec", torch.float32)
+    save_model(tmp_path, model, model.params, {})
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model_params"]["text_in_sequence"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_model(tmp_path)
+    assert loaded.params.text_in_sequence is False
+    items, lengths = torch.randint(1, NUM_ITEMS + 1, (2, 6)), torch.tensor([6, 3])
+    torch.testing.assert_close(loaded(items, lengths), model(items, lengths))
+
+
 @pytest.mark.parametrize("model_type", ["m2rec", "sasrec_text"])
 def test_text_model_needs_embeddings(model_type):
     with pytest.raises(ValueError, match="item_text_embeddings"):
@@ -181,7 +196,7 @@ def test_sasrec_text_reads_and_scores_items_by_id_plus_text():
     assert not torch.allclose(plain.encode(history), model.encode(history))
 
 
-@pytest.mark.parametrize("name, reads_history_text", [("m2rec_default", False), ("m2rec_text_in_sequence", True)])
+@pytest.mark.parametrize("name, reads_history_text", [("m2rec", False), ("m2rec_default", True)])
 def test_text_in_sequence_lets_the_sequence_branches_read_the_history_text(name, reads_history_text):
     """With text_in_sequence the sequence branches read each history item as ID plus projected text, so changing an
     earlier item's text changes the output at a later position; without it only the current item's text counts."""

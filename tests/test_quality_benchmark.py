@@ -41,7 +41,7 @@ def test_paired_test_tells_a_real_lead_from_noise():
 
 def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
-    models = ["m2rec", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"]
+    models = ["m2rec", "m2rec_default", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"]
     train = TrainParams(epochs=1, batch_size=32, progress=False)
     study = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs")
     entry = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
@@ -49,10 +49,14 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert entry["m2rec"]["seeds"] == [42, 43] and len(entry["m2rec"]["best_epochs"]) == 2
     assert set(entry["m2rec"]["mean_gates"]) == {"temporal", "frequency", "semantic"}
     assert "mean_gates" not in entry["sasrec"] and "mean_gates" not in entry["sasrec_text"]
-    assert set(entry["_meta"]["significance"]) == {"sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"}
+    assert set(entry["_meta"]["significance"]) == {"m2rec_default", "sasrec", "sasrec_text", "mamba4rec",
+                                                   "m2rec_no_fft"}
+    assert set(entry["_meta"]["default_significance"]) == {"m2rec", "sasrec_text", "sasrec", "mamba4rec"}
     cold = entry["_meta"]["cold_start"]
     assert set(quality.COLD_START_MODELS) <= set(cold) and cold["held_out_items"] > 0
-    assert quality.configure("m2rec_imputed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
+    assert quality.configure("m2rec_default_imputed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
+    assert quality.configure("m2rec_default", quality.DEFAULT_POINT, 20)[1].text_in_sequence
+    assert not quality.configure("m2rec", quality.DEFAULT_POINT, 20)[1].text_in_sequence
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
@@ -68,6 +72,7 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert saved["tiny"]["m2rec"]["HR@10"]["mean"] == pytest.approx(entry["m2rec"]["HR@10"]["mean"])
     report = output.with_suffix(".md").read_text()
     assert "| m2rec |" in report and "| sasrec_text |" in report and "smoothed by an EMA" in report
+    assert "| m2rec_default vs | metric |" in report and "| m2rec vs | metric |" in report
     assert entry["m2rec"]["epochs_run"] == [1, 1]  # one epoch allowed: every run ended at the cap
     assert "cap before the stopping rule fired: m2rec (seed 42), m2rec (seed 43)" in report
     older = json.loads(json.dumps(entry))  # a study stored before sasrec_text and the smoothed stopping rule

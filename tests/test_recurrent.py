@@ -16,8 +16,7 @@ from m2rec.serving.state_store import RedisStateStore, SQLiteStateStore, StateCo
 NUM_ITEMS, MAX_LENGTH = 60, 32
 RECURRENT = {
     "m2rec": ("m2rec", {**PAPER_DESIGN, "num_layers": 2}),  # two scales, frequency and text branches, learned gate
-    "m2rec_default": ("m2rec", {}),
-    "m2rec_text_in_sequence": ("m2rec", {"text_in_sequence": True}),
+    "m2rec_default": ("m2rec", {}),  # one scale, the sequence branches read each history item's text
     "mamba4rec": ("mamba4rec", {"num_layers": 2}),
 }
 TOLERANCE = 1e-4  # float32: carried and re-encoded hidden states differ by rounding only

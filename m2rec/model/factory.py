@@ -14,6 +14,10 @@ from m2rec.model.base import SequentialRecommender
 from m2rec.model.config import MODEL_TYPES, ModelParams
 from m2rec.model.files import CONFIG_FILE, WEIGHTS_FILE
 
+# ModelParams fields added after models were saved, with the value those models were trained with: a saved config
+# without the field loads as the model it was, not as today's default.
+SAVED_BEFORE_SETTINGS = {"text_in_sequence": False}
+
 
 def build_model(model_type: str, num_items: int, params: ModelParams,
                 item_text_embeddings: torch.Tensor | None = None) -> SequentialRecommender:
@@ -54,7 +58,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Seq
     directory = Path(directory)
     config = read_model_config(directory)
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-    params = ModelParams(**config["model_params"])
+    params = ModelParams(**{**SAVED_BEFORE_SETTINGS, **config["model_params"]})
     model = build_model(config["model_type"], config["num_items"], params, state.get("item_text"))
     model.load_state_dict(state)
     return model.to(device).eval()
