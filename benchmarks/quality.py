@@ -87,9 +87,10 @@ SINGLE_SCALE = VARIANTS["m2rec_single_scale"][1]
 CANDIDATES = {"m2rec_single_scale_id_dropout": ("m2rec", {**SINGLE_SCALE, "item_id_dropout": 0.3}),
               "m2rec_single_scale_decay": ("m2rec", SINGLE_SCALE)}
 TRAIN_OVERRIDES["m2rec_single_scale_decay"] = {"weight_decay": 0.5}
-# ModelParams fields added after runs were stored, with the value those runs trained with: at that value a field is
-# left out of a run's key, so the stored runs stay valid.
-NEWER_FIELDS = {"text_in_sequence": False}
+# ModelParams fields added after runs were stored: the value those runs trained with and the model types that read
+# the field. At that value, or in a model that ignores it, a field is left out of a run's key, so the stored runs
+# stay valid.
+NEWER_FIELDS = {"text_in_sequence": (False, ("m2rec",))}
 MAX_LENGTH = 200  # RecBole protocol
 GRID = {"learning_rate": [1e-3, 3e-3], "dropout": [0.2, 0.4], "depth": [1, 2]}  # depth = layers per stack
 DEFAULT_POINT = {"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}  # Mamba4Rec's published defaults
@@ -253,7 +254,8 @@ class Study:
         """Where a job's outcome is kept: named by a hash of the job, the model configuration it resolves to, the
         training settings and the data (so a changed default or variant never reuses an old run)."""
         model_type, params, _ = configure(job[0], job[1], MAX_LENGTH)
-        described = {k: v for k, v in dataclasses.asdict(params).items() if NEWER_FIELDS.get(k, ...) != v}
+        described = {k: v for k, v in dataclasses.asdict(params).items()
+                     if k not in NEWER_FIELDS or (v != NEWER_FIELDS[k][0] and model_type in NEWER_FIELDS[k][1])}
         key = json.dumps([job, model_type, described, dataclasses.asdict(self.train),
                           self.data.stats.get("dataset_version")], sort_keys=True, default=str)
         return self.runs_dir / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"

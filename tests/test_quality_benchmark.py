@@ -97,3 +97,16 @@ def test_sampled_users_keep_whole_histories_of_a_seeded_sample():
     assert quality.sampled_users(raw, 50).interactions.equals(sample.interactions)  # seeded
     with pytest.raises(SystemExit, match="ask for fewer"):
         quality.sampled_users(raw, 10**6)
+
+
+def test_a_field_added_later_changes_only_the_keys_of_runs_that_read_it(tiny_synthetic, tmp_path, monkeypatch):
+    """text_in_sequence came after runs were stored: a SASRec run keeps its key whatever the field's value (SASRec
+    ignores it), an M2Rec run at the value stored runs trained with keeps its key, and at another value gets a new
+    one (it is another model)."""
+    study = quality.Study(tiny_synthetic, TrainParams(epochs=1), runs_dir=tmp_path)
+    sasrec, paper = ("sasrec", quality.DEFAULT_POINT, 42), ("m2rec", quality.DEFAULT_POINT, 42)
+    before = {job[0]: study._stored(job) for job in (sasrec, paper)}
+    monkeypatch.setitem(quality.VARIANTS, "sasrec", ("sasrec", {"text_in_sequence": False}))
+    assert study._stored(sasrec) == before["sasrec"]
+    monkeypatch.setitem(quality.VARIANTS, "m2rec", ("m2rec", {**quality.PAPER, "text_in_sequence": True}))
+    assert study._stored(paper) != before["m2rec"]
