@@ -87,14 +87,12 @@ SIGNIFICANCE = {"significance": ("m2rec", None), "default_significance": ("m2rec
 SINGLE_SCALE = VARIANTS["m2rec_single_scale"][1]
 CANDIDATES = {"m2rec_text_in_sequence": ("m2rec", {**PAPER, "text_in_sequence": True}),
               "m2rec_single_scale_id_dropout": ("m2rec", {**SINGLE_SCALE, "item_id_dropout": 0.3}),
-              "m2rec_single_scale_decay": ("m2rec", SINGLE_SCALE),
-              "m2rec_default_text_weight": ("m2rec", {"sequence_text": "learned_weight"}),
-              "m2rec_default_text_projection": ("m2rec", {"sequence_text": "own_projection"})}
+              "m2rec_single_scale_decay": ("m2rec", SINGLE_SCALE)}
 TRAIN_OVERRIDES["m2rec_single_scale_decay"] = {"weight_decay": 0.5}
 # ModelParams fields added after runs were stored: the value those runs trained with and the model types that read
 # the field. At that value, or in a model that ignores it, a field is left out of a run's key, so the stored runs
 # stay valid.
-NEWER_FIELDS = {"text_in_sequence": (False, ("m2rec",)), "sequence_text": ("scored", ("m2rec",))}
+NEWER_FIELDS = {"text_in_sequence": (False, ("m2rec",))}
 MAX_LENGTH = 200  # RecBole protocol
 GRID = {"learning_rate": [1e-3, 3e-3], "dropout": [0.2, 0.4], "depth": [1, 2]}  # depth = layers per stack
 DEFAULT_POINT = {"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}  # Mamba4Rec's published defaults

@@ -51,10 +51,6 @@ class ModelParams:
     # M2Rec: the temporal and frequency branches read each history item as it is scored (ID embedding plus
     # projected text), not by its ID embedding alone, so the sequence model sees the text of the whole history.
     text_in_sequence: bool = True
-    # How that text enters: "scored", through the scoring projection, added as it is; "learned_weight", the same
-    # times a learned scalar that starts at zero (the model starts as the ID-only design and takes in the text as far
-    # as training asks); "own_projection", through a projection of its own, apart from the one that scores items.
-    sequence_text: Literal["scored", "learned_weight", "own_projection"] = "scored"
 
     def __post_init__(self) -> None:
         if self.gate not in ("learned", "mean"):

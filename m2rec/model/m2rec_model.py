@@ -52,11 +52,6 @@ class M2Rec(ScoredThroughText, RecurrentRecommender):
             self.text_input = nn.Sequential(nn.Linear(item_text_embeddings.shape[1], hidden),
                                             nn.LayerNorm(hidden, eps=1e-12))  # before text_output: same init draws
             self._init_item_text(item_text_embeddings, hidden, params.item_id_dropout)
-            if params.text_in_sequence and params.sequence_text == "learned_weight":
-                self.sequence_text_weight = nn.Parameter(torch.zeros(()))
-            if params.text_in_sequence and params.sequence_text == "own_projection":
-                self.sequence_text_input = nn.Linear(item_text_embeddings.shape[1], hidden, bias=False)
-                nn.init.normal_(self.sequence_text_input.weight, std=0.02)
         self.branch_names = [n for n, on in zip(BRANCHES, (True, params.use_frequency, params.use_text)) if on]
         self.gate = nn.Linear(hidden * len(self.branch_names), len(self.branch_names)) \
             if params.gate == "learned" and len(self.branch_names) > 1 else None
@@ -70,15 +65,8 @@ class M2Rec(ScoredThroughText, RecurrentRecommender):
     def _embed(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H): what the sequence branches read
         embedded = self.item_embedding(items)
         if self.params.use_text and self.params.text_in_sequence:
-            embedded = embedded + self._sequence_text(items)
+            embedded = embedded + self.projected_text(items)  # as the item is scored; zero for padding
         return self.norm(self.dropout(embedded))
-
-    def _sequence_text(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H), zero for padding
-        """The history's text as the sequence branches read it (`params.sequence_text`)."""
-        if self.params.sequence_text == "own_projection":
-            return self.sequence_text_input(self.item_text[items]).masked_fill((items == 0).unsqueeze(-1), 0.0)
-        text = self.projected_text(items)  # as the item is scored
-        return self.sequence_text_weight * text if self.params.sequence_text == "learned_weight" else text
 
     def _text(self, items: torch.Tensor) -> torch.Tensor:  # (...) -> (..., H): the semantic branch
         return self.dropout(self.text_input(self.item_text[items]))
