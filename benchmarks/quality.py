@@ -379,13 +379,15 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
 
 
 def paired_tests(runs: dict[str, list[dict]], ours: str, others: list[str]) -> dict:
-    """`ours` against each of `others` on HR@10 and NDCG@10, per test user with seeds pooled (paired by seed)."""
-    def pooled(variant: str) -> dict[str, np.ndarray]:  # per-user scores, seeds concatenated
-        return {m: np.concatenate([per_user_metrics(r["ranks"], 10)[m] for r in runs[variant]])
+    """`ours` against each of `others` on HR@10 and NDCG@10, paired per test user. The user is the unit: each
+    user's score is the mean over seeds, since one user's runs share a target and are not independent draws (treating
+    each (user, seed) as one would overstate significance by up to the square root of the number of seeds)."""
+    def per_user(variant: str) -> dict[str, np.ndarray]:  # (users,) scores, mean over seeds
+        return {m: np.mean([per_user_metrics(r["ranks"], 10)[m] for r in runs[variant]], axis=0)
                 for m in ("HR@10", "NDCG@10")}
 
-    mine = pooled(ours)
-    return {other: {m: paired_test(mine[m], theirs) for m, theirs in pooled(other).items()} for other in others}
+    mine = per_user(ours)
+    return {other: {m: paired_test(mine[m], theirs) for m, theirs in per_user(other).items()} for other in others}
 
 
 def p_value(test: dict) -> str:
@@ -431,8 +433,9 @@ def significance_table(ours: str, tests: dict) -> list[str]:
     """Markdown lines for `ours`'s paired tests against other models (none: no lines)."""
     if not tests:
         return []
-    lines = ["", f"Paired over test users, seeds pooled: relative difference of {ours}'s mean to the other model's, "
-             "bootstrap 95% interval, two-sided sign-flip permutation p-value.", "",
+    lines = ["", "Paired over test users (each user's score the mean over seeds): relative difference of "
+             f"{ours}'s mean to the other model's, bootstrap 95% interval, two-sided sign-flip permutation p-value.",
+             "",
              f"| {ours} vs | metric | relative difference | 95% interval | p-value |", "|---|---|---|---|---|"]
     for other, by_metric in tests.items():
         lines += [f"| {other} | {metric} | {t['relative_difference']:+.1%} | [{t['ci95'][0]:+.1%}, "

@@ -39,6 +39,19 @@ def test_paired_test_tells_a_real_lead_from_noise():
     assert noise["p_value"] > 0.05 and noise["ci95"][0] < 0 < noise["ci95"][1]
 
 
+def test_paired_tests_take_the_user_as_the_unit_not_each_seed():
+    """Seeds that repeat a run add no evidence: three identical seeds test as one, where pooling the (user, seed)
+    pairs as independent would shrink the p-value and the interval."""
+    rng = np.random.default_rng(1)
+    theirs_ranks, ours_ranks = rng.integers(0, 40, 600), rng.integers(0, 36, 600)
+    one = quality.paired_tests({"a": [{"ranks": ours_ranks}], "b": [{"ranks": theirs_ranks}]}, "a", ["b"])
+    three = quality.paired_tests({"a": [{"ranks": ours_ranks}] * 3, "b": [{"ranks": theirs_ranks}] * 3}, "a", ["b"])
+    for metric in ("HR@10", "NDCG@10"):
+        assert three["b"][metric]["p_value"] == pytest.approx(one["b"][metric]["p_value"], abs=0.02)
+        assert three["b"][metric]["ci95"] == pytest.approx(one["b"][metric]["ci95"], abs=0.02)
+    assert 0.01 < one["b"]["HR@10"]["p_value"] < 0.9  # a lead within noise: pooled, the p-value would fall 4-fold
+
+
 def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
     models = ["m2rec", "m2rec_default", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"]
