@@ -454,10 +454,10 @@ def markdown(results: dict) -> str:
                   f"{models[next(iter(models))]['seeds']}. "
                   "Trained on: "
                   f"{', '.join(sorted({d for m in models.values() for d in m['devices']}))}.", "",
-                  "| model | " + " | ".join(REPORTED) + " | best epoch / epochs run | train s |",
-                  "|---" * (len(REPORTED) + 3) + "|"]
-        for variant, m in models.items():
-            cells = [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in REPORTED]
+                  "| model | " + " | ".join(REPORTED) + " | valid NDCG@10 | best epoch / epochs run | train s |",
+                  "|---" * (len(REPORTED) + 4) + "|"]
+        for variant, m in models.items():  # valid NDCG@10: what the grid and the stopping rule read (older: none)
+            cells = [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" if k in m else "-" for k in (*REPORTED, "valid_NDCG@10")]
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {epochs_cell(m)} | "
                          f"{np.mean(m['train_seconds']):.0f} |")
         lines += ["", stop_check(models, meta["max_epochs"])]

@@ -85,6 +85,7 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert saved["tiny"]["m2rec"]["HR@10"]["mean"] == pytest.approx(entry["m2rec"]["HR@10"]["mean"])
     report = output.with_suffix(".md").read_text()
     assert "| m2rec |" in report and "| sasrec_text |" in report and "smoothed by an EMA" in report
+    assert "| valid NDCG@10 |" in report and f"{entry['m2rec']['valid_NDCG@10']['mean']:.4f} ±" in report
     assert "| m2rec_default vs | metric |" in report and "| m2rec vs | metric |" in report
     assert entry["m2rec"]["epochs_run"] == [1, 1]  # one epoch allowed: every run ended at the cap
     assert "cap before the stopping rule fired: m2rec (seed 42), m2rec (seed 43)" in report
