@@ -67,6 +67,9 @@ VARIANTS = {  # name -> (model type, ModelParams overrides); M2Rec as the paper 
     "m2rec_single_scale": ("m2rec", {**PAPER, "scales": [[0.001, 0.1]]}),
     # both simplifications the ablations point to at once: one temporal scale and no frequency branch
     "m2rec_single_scale_no_fft": ("m2rec", {**PAPER, "scales": [[0.001, 0.1]], "use_frequency": False}),
+    # ablations of the shipped default: what its frequency branch and learned gate add beside the text
+    "m2rec_default_no_fft": ("m2rec", {"use_frequency": False}),
+    "m2rec_default_no_gate": ("m2rec", {"gate": "mean"}),
 }
 BASELINES = ("sasrec", "mamba4rec")  # the baselines without text
 # Cold start trains the shipped default twice, as trained and with the ID embeddings of untrained items imputed from
@@ -77,8 +80,8 @@ TRAIN_OVERRIDES = {"m2rec_default_imputed": {"impute_untrained": True}}  # untra
 COLD_START_MODELS = ("m2rec_default", *COLD_START_VARIANTS, "sasrec_text", "sasrec")
 # The paired tests: the paper's design against every other model, and the shipped default against the baselines
 # (sasrec_text: what M2Rec gives beyond the text) and against the paper's design.
-SIGNIFICANCE = {"significance": ("m2rec", None), "default_significance": ("m2rec_default", ("m2rec", "sasrec_text",
-                                                                                              *BASELINES))}
+SIGNIFICANCE = {"significance": ("m2rec", None), "default_significance": (
+    "m2rec_default", ("m2rec", "sasrec_text", *BASELINES, "m2rec_default_no_fft", "m2rec_default_no_gate"))}
 # Regularisation candidates against early overfitting on small text-rich data, each on the one-scale paper design
 # (`--models`; not in the default study): item-ID dropout makes the text carry the item, weight decay shrinks the
 # ID embeddings that memorise the few training targets. Neither helped (README: Quality); the text in the sequence
@@ -346,16 +349,25 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
+def ablated(variant: str) -> str:
+    """The model a variant removes a part from: the shipped default for `m2rec_default_*`, else the paper's design."""
+    return "m2rec_default" if variant.startswith("m2rec_default_") else "m2rec"
+
+
 def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int, with_cold_start: bool,
                   carried: dict[str, dict] | None = None) -> dict:
     """Tune, train every model with every seed, test M2Rec's lead for significance and measure cold start;
-    returns the dataset's entry of quality.json. Ablations take M2Rec's chosen grid point, so each differs from
-    the full model only in the part it removes. `carried`: grid points already chosen on validation by an earlier
+    returns the dataset's entry of quality.json. Ablations take the chosen grid point of the model they ablate
+    (`ablated`), so each differs from it only in the part it removes. `carried`: grid points already chosen on validation by an earlier
     study of the same dataset (variant -> point); those variants are not tuned again."""
     carried = {v: p for v, p in (carried or {}).items() if v in models}
-    tuned = [v for v in models if not (v.startswith("m2rec_") and "m2rec" in models) and v not in carried]
+    tuned = [v for v in models if not (v.startswith("m2rec_") and ablated(v) in models) and v not in carried]
     chosen = {**carried, **study.choose(tuned, grid)}
-    chosen.update({v: chosen["m2rec"] for v in models if v not in chosen})
+
+    def point(variant: str) -> dict:  # an ablation's point is that of the model it ablates
+        return chosen[variant] if variant in chosen else point(ablated(variant))
+
+    chosen.update({v: point(v) for v in models if v not in chosen})
     seed_list = [study.train.seed + i for i in range(seeds)]
     jobs = [(v, chosen[v], s) for s in seed_list for v in models]
     with_cold_start = with_cold_start and all(v in models for v in COLD_START_MODELS if v not in COLD_START_VARIANTS)

@@ -54,7 +54,7 @@ def test_paired_tests_take_the_user_as_the_unit_not_each_seed():
 
 def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
-    models = ["m2rec", "m2rec_default", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft"]
+    models = ["m2rec", "m2rec_default", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft", "m2rec_default_no_gate"]
     train = TrainParams(epochs=1, batch_size=32, progress=False)
     study = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs")
     entry = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
@@ -63,8 +63,12 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert set(entry["m2rec"]["mean_gates"]) == {"temporal", "frequency", "semantic"}
     assert "mean_gates" not in entry["sasrec"] and "mean_gates" not in entry["sasrec_text"]
     assert set(entry["_meta"]["significance"]) == {"m2rec_default", "sasrec", "sasrec_text", "mamba4rec",
-                                                   "m2rec_no_fft"}
-    assert set(entry["_meta"]["default_significance"]) == {"m2rec", "sasrec_text", "sasrec", "mamba4rec"}
+                                                   "m2rec_no_fft", "m2rec_default_no_gate"}
+    assert set(entry["_meta"]["default_significance"]) == {"m2rec", "sasrec_text", "sasrec", "mamba4rec",
+                                                           "m2rec_default_no_gate"}
+    assert quality.ablated("m2rec_default_no_gate") == "m2rec_default" and quality.ablated("m2rec_no_fft") == "m2rec"
+    assert entry["m2rec_default_no_gate"]["mean_gates"] == pytest.approx({"temporal": 1 / 3, "frequency": 1 / 3,
+                                                                          "semantic": 1 / 3})
     cold = entry["_meta"]["cold_start"]
     assert set(quality.COLD_START_MODELS) <= set(cold) and cold["held_out_items"] > 0
     assert quality.configure("m2rec_default_imputed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
