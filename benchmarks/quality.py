@@ -516,9 +516,42 @@ def plot_curves(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_effects(results: dict, path: Path) -> None:
+    """The paired tests as a forest plot: per dataset (rows) and compared model (columns: M2Rec, the shipped
+    default), the relative difference of HR@10 and NDCG@10 to each other model with its bootstrap 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in SIGNIFICANCE if any(e["_meta"].get(k) for e in results.values())]
+    rows = max(len(e["_meta"].get(k, {})) for e in results.values() for k in keys)  # most models in one panel
+    fig, axes = plt.subplots(len(results), len(keys), squeeze=False,
+                             figsize=(6 * len(keys), (0.45 * rows + 1) * len(results)))
+    for row, (dataset, entry) in zip(axes, results.items()):
+        for ax, key in zip(row, keys):
+            tests = entry["_meta"].get(key, {})
+            ax.set_title(f"{dataset}: {SIGNIFICANCE[key][0]} vs" + ("" if tests else " (not in this study)"))
+            if not tests:
+                ax.set_axis_off()
+                continue
+            others = list(tests)[::-1]  # (others,) top to bottom in the order of the tables
+            for offset, metric, color in ((0.15, "HR@10", "tab:blue"), (-0.15, "NDCG@10", "tab:orange")):
+                diffs = np.array([tests[o][metric]["relative_difference"] for o in others]) * 100
+                ci = np.array([tests[o][metric]["ci95"] for o in others]).reshape(-1, 2) * 100  # (others, 2)
+                ax.errorbar(diffs, np.arange(len(others)) + offset, xerr=[diffs - ci[:, 0], ci[:, 1] - diffs],
+                            fmt="o", color=color, capsize=3, label=metric)
+            ax.axvline(0, color="grey", linewidth=0.8)
+            ax.set_yticks(range(len(others)), others, fontsize=8)
+            ax.set(ylim=(-0.5, len(others) - 0.5), xlabel="relative difference, % (95% interval)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def save(output: Path, dataset: str, entry: dict) -> dict:
     """Put one dataset's entry into `output` (other datasets' entries are kept, so datasets can run as
-    separate processes) and rewrite the .md table and the curves plot from the whole file."""
+    separate processes) and rewrite the .md table, the curves and the effects plots from the whole file."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -530,6 +563,7 @@ def save(output: Path, dataset: str, entry: dict) -> dict:
         tmp.replace(output)
         output.with_suffix(".md").write_text(markdown(results))
         plot_curves(results, output.with_name(output.stem + "_curves.png"))
+        plot_effects(results, output.with_name(output.stem + "_effects.png"))
     return results
 
 

@@ -102,6 +102,7 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert "early stop after" in quality.markdown({"older": older})
     assert "did not record the epochs" in quality.markdown({"older": older})
     assert (output.parent / "quality_curves.png").stat().st_size > 0
+    assert (output.parent / "quality_effects.png").stat().st_size > 0
 
 
 def test_sampled_users_keep_whole_histories_of_a_seeded_sample():
