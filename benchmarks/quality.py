@@ -72,6 +72,9 @@ VARIANTS = {  # name -> (model type, ModelParams overrides); M2Rec as the paper 
     "m2rec_default_no_gate": ("m2rec", {"gate": "mean"}),
 }
 BASELINES = ("sasrec", "mamba4rec")  # the baselines without text
+# The models compared, each tuned on the grid with the same budget; every other variant is an ablation or candidate
+# and takes the point of the model it changes (`ablated`).
+COMPARED = ("m2rec", "m2rec_default", "sasrec", "sasrec_text", *BASELINES)
 # Cold start trains the shipped default twice, as trained and with the ID embeddings of untrained items imputed from
 # their text after training, beside the text-aware and a text-free baseline, at the default's chosen grid point.
 COLD_START_VARIANTS = {"m2rec_default_imputed": ("m2rec", {})}
@@ -349,8 +352,11 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def ablated(variant: str) -> str:
-    """The model a variant removes a part from: the shipped default for `m2rec_default_*`, else the paper's design."""
+def ablated(variant: str) -> str | None:
+    """The model a variant removes a part from (the shipped default for `m2rec_default_*`, the paper's design for
+    other `m2rec_*`), whose grid point it takes; None for a compared model (`COMPARED`), which is tuned itself."""
+    if variant in COMPARED or not variant.startswith("m2rec_"):
+        return None
     return "m2rec_default" if variant.startswith("m2rec_default_") else "m2rec"
 
 
@@ -361,7 +367,7 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
     (`ablated`), so each differs from it only in the part it removes. `carried`: grid points already chosen on validation by an earlier
     study of the same dataset (variant -> point); those variants are not tuned again."""
     carried = {v: p for v, p in (carried or {}).items() if v in models}
-    tuned = [v for v in models if not (v.startswith("m2rec_") and ablated(v) in models) and v not in carried]
+    tuned = [v for v in models if ablated(v) not in models and v not in carried]
     chosen = {**carried, **study.choose(tuned, grid)}
 
     def point(variant: str) -> dict:  # an ablation's point is that of the model it ablates
@@ -601,6 +607,8 @@ def main() -> None:
     parser.add_argument("--chosen-from", type=Path,
                         help="an earlier quality.json: take its validation-chosen grid points per model instead of "
                              "tuning those models again (models it lacks are tuned)")
+    parser.add_argument("--retune", nargs="*", default=[], choices=COMPARED,
+                        help="models to tune again on the grid though --chosen-from has a point for them")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (worker processes)")
     parser.add_argument("--threads", type=int, default=None,
@@ -631,8 +639,9 @@ def main() -> None:
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     for path in args.dataset:
         name, data_dir = load_dataset(path.resolve(), args.format, args.sample_users)
-        carried = json.loads(args.chosen_from.read_text()).get(name, {}).get("_meta", {}).get("chosen") \
-            if args.chosen_from else None
+        carried = json.loads(args.chosen_from.read_text()).get(name, {}).get("_meta", {}).get("chosen", {}) \
+            if args.chosen_from else {}
+        carried = {v: p for v, p in carried.items() if v not in args.retune}
         entry = study_dataset(Study(data_dir, train, pool), args.models, grid_points(args.grid), args.seeds,
                               not args.no_cold_start, carried)
         entry["_meta"]["command"] = command

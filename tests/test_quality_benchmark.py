@@ -105,6 +105,33 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     assert (output.parent / "quality_effects.png").stat().st_size > 0
 
 
+def test_every_compared_model_is_tuned_and_an_ablation_takes_the_point_of_the_model_it_ablates(tmp_path, monkeypatch):
+    grid = quality.grid_points("half")
+    tuned = []
+
+    def choose(self, variants, grid):  # a different point per tuned model, so inherited points can be told apart
+        tuned.extend(variants)
+        return {v: grid[i % len(grid)] for i, v in enumerate(variants)}
+
+    class Planned(Exception):
+        pass
+
+    def run_all(self, jobs):
+        raise Planned(jobs)
+
+    monkeypatch.setattr(quality.Study, "choose", choose)
+    monkeypatch.setattr(quality.Study, "run_all", run_all)
+    models = ["m2rec", "m2rec_default", "sasrec", "m2rec_no_fft", "m2rec_default_no_gate"]
+    with pytest.raises(Planned) as planned:
+        quality.study_dataset(quality.Study(tmp_path, TrainParams()), models, grid, seeds=1, with_cold_start=False,
+                              carried={"sasrec": grid[3]})
+    point = {job[0]: job[1] for job in planned.value.args[0]}
+    assert tuned == ["m2rec", "m2rec_default"]  # sasrec carried over; the shipped default is a model, not an ablation
+    assert point["sasrec"] == grid[3] and point["m2rec"] != point["m2rec_default"]
+    assert point["m2rec_no_fft"] == point["m2rec"] and point["m2rec_default_no_gate"] == point["m2rec_default"]
+    assert quality.ablated("m2rec_default") is None and quality.ablated("m2rec_text_in_sequence") == "m2rec"
+
+
 def test_sampled_users_keep_whole_histories_of_a_seeded_sample():
     from m2rec.data.sources import SourceSpec, read_source
 
