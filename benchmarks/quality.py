@@ -365,8 +365,9 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
     """Tune, train every model with every seed, test M2Rec's lead for significance and measure cold start;
     returns the dataset's entry of quality.json. Ablations take the chosen grid point of the model they ablate
     (`ablated`), so each differs from it only in the part it removes. `carried`: grid points already chosen on validation by an earlier
-    study of the same dataset (variant -> point); those variants are not tuned again."""
-    carried = {v: p for v, p in (carried or {}).items() if v in models}
+    study of the same dataset (variant -> point); those variants are not tuned again. An ablation's carried point is
+    ignored: it follows the model it ablates, also when that model is tuned again."""
+    carried = {v: p for v, p in (carried or {}).items() if v in models and ablated(v) not in models}
     tuned = [v for v in models if ablated(v) not in models and v not in carried]
     chosen = {**carried, **study.choose(tuned, grid)}
 
@@ -504,13 +505,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict, path: Path) -> None:
-    """Validation NDCG@10 per epoch per model (first seed), one panel per dataset."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files only (no display on servers and in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Validation NDCG@10 per epoch per model (first seed), one panel per dataset."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, (dataset, entry) in zip(axes[0], results.items()):
         for variant, curve in entry["_meta"]["curves"].items():
@@ -525,11 +532,7 @@ def plot_curves(results: dict, path: Path) -> None:
 def plot_effects(results: dict, path: Path) -> None:
     """The paired tests as a forest plot: per dataset (rows) and compared model (columns: M2Rec, the shipped
     default), the relative difference of HR@10 and NDCG@10 to each other model with its bootstrap 95% interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     keys = [k for k in SIGNIFICANCE if any(e["_meta"].get(k) for e in results.values())]
     rows = max(len(e["_meta"].get(k, {})) for e in results.values() for k in keys)  # most models in one panel
     fig, axes = plt.subplots(len(results), len(keys), squeeze=False,
@@ -544,7 +547,7 @@ def plot_effects(results: dict, path: Path) -> None:
             others = list(tests)[::-1]  # (others,) top to bottom in the order of the tables
             for offset, metric, color in ((0.15, "HR@10", "tab:blue"), (-0.15, "NDCG@10", "tab:orange")):
                 diffs = np.array([tests[o][metric]["relative_difference"] for o in others]) * 100
-                ci = np.array([tests[o][metric]["ci95"] for o in others]).reshape(-1, 2) * 100  # (others, 2)
+                ci = np.array([tests[o][metric]["ci95"] for o in others]) * 100  # (others, 2)
                 ax.errorbar(diffs, np.arange(len(others)) + offset, xerr=[diffs - ci[:, 0], ci[:, 1] - diffs],
                             fmt="o", color=color, capsize=3, label=metric)
             ax.axvline(0, color="grey", linewidth=0.8)

@@ -124,9 +124,10 @@ def test_every_compared_model_is_tuned_and_an_ablation_takes_the_point_of_the_mo
     models = ["m2rec", "m2rec_default", "sasrec", "m2rec_no_fft", "m2rec_default_no_gate"]
     with pytest.raises(Planned) as planned:
         quality.study_dataset(quality.Study(tmp_path, TrainParams()), models, grid, seeds=1, with_cold_start=False,
-                              carried={"sasrec": grid[3]})
+                              carried={"sasrec": grid[3], "m2rec_no_fft": grid[2]})
     point = {job[0]: job[1] for job in planned.value.args[0]}
     assert tuned == ["m2rec", "m2rec_default"]  # sasrec carried over; the shipped default is a model, not an ablation
+    # an ablation's carried point is ignored: it follows the model it ablates
     assert point["sasrec"] == grid[3] and point["m2rec"] != point["m2rec_default"]
     assert point["m2rec_no_fft"] == point["m2rec"] and point["m2rec_default_no_gate"] == point["m2rec_default"]
     assert quality.ablated("m2rec_default") is None and quality.ablated("m2rec_text_in_sequence") == "m2rec"
