@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from m2rec.data.errors import DataError
+from m2rec.model.cold_start import TextToId
 from m2rec.model.factory import load_model, read_model_config
 from m2rec.model.files import ITEMS_FILE
 from m2rec.training.batching import pad_right
@@ -53,6 +54,9 @@ class Recommender:
         self.index_of = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx > 0}
         counts = items["train_count"].to_numpy() if "train_count" in items.columns else np.zeros(len(items))
         self.popular_order = np.argsort(-counts, kind="stable") + 1  # item_idx by popularity
+        # training occurrences per item_idx, for placing added items (a catalog without counts: every item once)
+        self.train_counts = torch.as_tensor(np.concatenate([[0], counts if counts.any() else np.ones(len(items))]))
+        self._text_to_id: TextToId | None = None  # fitted on the trained items at the first add_items
         with torch.no_grad():  # fixed once loaded: computed once here, not for every batch
             self.item_matrix = self.model.item_representations().detach()  # (I+1, H)
         # Set by a server whose catalog grows while it serves (m2rec.serving.items): brings in items added
@@ -74,9 +78,10 @@ class Recommender:
                                   "item to the source and retrain")
 
     def add_items(self, item_ids: Sequence[str], text_embeddings: np.ndarray, titles: Sequence[str]) -> list[int]:
-        """Add items the model was not trained on, placed by their text alone: the next item indices, a zero ID
-        embedding (the model learned none) and the text embedding (N, T) from the model's encoder; returns their
-        item indices. Raises `TextUnsupported` for a model without a text branch."""
+        """Add items the model was not trained on, placed by their text: the next item indices, the text
+        embedding (N, T) from the model's encoder and the ID embedding that text predicts (`TextToId`, fitted once
+        on the trained items), so a new item competes with trained ones on the same terms; returns their item
+        indices. Raises `TextUnsupported` for a model without a text branch."""
         self.require_text_branch()
         known = [i for i in item_ids if i in self.index_of]
         if known or len(set(item_ids)) != len(item_ids):
@@ -85,8 +90,10 @@ class Recommender:
         weight, item_text = model.item_embedding.weight, getattr(model, "item_text")  # (I+1, H), (I+1, T)
         text = torch.as_tensor(text_embeddings, dtype=item_text.dtype, device=self.device)  # (N, T)
         with torch.no_grad():
-            model.item_embedding.weight = torch.nn.Parameter(torch.cat([weight, weight.new_zeros(count,
-                                                                                               weight.shape[1])]))
+            if self._text_to_id is None:
+                self._text_to_id = TextToId.fit(weight[1:], item_text[1:], self.train_counts[1:].to(self.device))
+            placed = self._text_to_id(text).to(weight.dtype)  # (N, H)
+            model.item_embedding.weight = torch.nn.Parameter(torch.cat([weight, placed]))
             model.item_embedding.num_embeddings += count
             model.item_text = torch.cat([item_text, text])  # (I+N+1, T)
             model.num_items += count

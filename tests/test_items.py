@@ -14,6 +14,7 @@ from test_registry import train_tiny_model
 from m2rec.data.errors import DataError
 from m2rec.events.log import EventLog
 from m2rec.inference import Recommender, TextUnsupported
+from m2rec.model.cold_start import TextToId
 from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model, save_model
 from m2rec.model.files import ITEMS_FILE
@@ -59,16 +60,20 @@ def test_an_added_item_is_ranked_by_its_text_and_accepted_by_events(model_dir, f
     new = recommender.index_of["new-1"]
     assert new == before + 1 and ranker.features.item_index["new-1"] == new
     model = recommender.model
-    with torch.no_grad():  # no trained ID embedding: the text projection alone, here of item 3's text
-        text_only = model.text_output(model.item_text[3])
-    torch.testing.assert_close(recommender.item_matrix[new], text_only)
+    with torch.no_grad():  # no trained ID embedding: the one item 3's text predicts, plus that text's projection
+        trained_ids = model.item_embedding.weight[1:before + 1]  # (I, H)
+        predicted = TextToId.fit(trained_ids, model.item_text[1:before + 1], recommender.train_counts[1:])(
+            model.item_text[3:4])[0]
+        placed = predicted + model.text_output(model.item_text[3])  # (H,)
+    torch.testing.assert_close(recommender.item_matrix[new], placed)
+    assert not torch.allclose(predicted, torch.zeros_like(predicted))
 
     history = [1, 2, 4]
     ranked = recommender.recommend([history], k=recommender.num_items, exclude_seen=False)[0]
     with torch.no_grad():
         hidden = model.last_hidden(torch.tensor([history]), torch.tensor([3]))[0]
     assert "new-1" in ranked.item_ids
-    assert ranked.scores[ranked.item_ids.index("new-1")] == pytest.approx(float(hidden @ text_only), abs=1e-5)
+    assert ranked.scores[ranked.item_ids.index("new-1")] == pytest.approx(float(hidden @ placed), abs=1e-5)
 
     by_history, = ranker.rank([RankQuery(item_ids=["new-1"], k=5, exclude_seen=True)])  # as input, too
     assert by_history.failure is None and "new-1" not in [i.item_id for i in by_history.response.items]

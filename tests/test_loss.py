@@ -13,7 +13,7 @@ from m2rec.model.factory import build_model
 from m2rec.stages.train import train
 from m2rec.training import loss as loss_module
 from m2rec.training.loss import NextItemLoss, full_cross_entropy, sampled_cross_entropy
-from m2rec.training.trainer import TrainParams, trained_item_mask
+from m2rec.training.trainer import TrainParams, item_counts
 
 FAST = dict(hidden_size=16, d_state=8, max_length=20)
 
@@ -66,7 +66,7 @@ def test_sampled_loss_by_hand_and_a_draw_equal_to_the_target_is_no_negative():
 @pytest.mark.parametrize("kind", ["full", "sampled"])
 def test_items_absent_from_training_are_not_pushed_down_as_negatives(kind):
     sequences = [np.array([1, 2, 3, 1]), np.array([2, 3, 2])]  # items 4 and 5 never occur
-    mask = trained_item_mask(sequences, num_items=5)
+    mask = item_counts(sequences, num_items=5) > 0
     assert mask.tolist() == [False, True, True, True, False, False]
     model = build_model("sasrec", 5, ModelParams(**FAST))
     inputs, targets = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 1]])

@@ -71,7 +71,7 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
                                                                           "semantic": 1 / 3})
     cold = entry["_meta"]["cold_start"]
     assert set(quality.COLD_START_MODELS) <= set(cold) and cold["held_out_items"] > 0
-    assert quality.configure("m2rec_default_imputed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
+    assert quality.configure("m2rec_default_placed", quality.DEFAULT_POINT, 20)[2]["impute_untrained"]
     assert quality.configure("m2rec_default", quality.DEFAULT_POINT, 20)[1].text_in_sequence
     assert not quality.configure("m2rec", quality.DEFAULT_POINT, 20)[1].text_in_sequence
 

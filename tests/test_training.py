@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from m2rec.evaluation.metrics import metrics_from_ranks, target_ranks
 from m2rec.inference import Recommender
+from m2rec.model.cold_start import TextToId, impute_untrained_embeddings
 from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
-from m2rec.training.cold_start import impute_untrained_embeddings
 from m2rec.training.stopping import epochs_since_best, should_stop, smoothed
 from m2rec.training.trainer import TrainParams, restore_rng_states, rng_states, seed_everything, train_model
 
@@ -241,23 +241,63 @@ def test_stopping_rule_smooths_with_an_exponential_average():
     assert should_stop([0.3, 0.2, 0.1], patience=2)
 
 
+def test_text_to_id_recovers_a_linear_map_and_weights_items_by_their_occurrences():
+    """ID embeddings that are a linear function of the text are predicted exactly (tiny ridge); when the text says
+    nothing (all items alike), the prediction is the occurrence-weighted mean ID embedding: a new item is placed
+    like the items users interact with, not like the average catalog item."""
+    torch.manual_seed(0)
+    text, linear, offset = torch.randn(20, 8), torch.randn(8, 16), torch.randn(16)
+    counts = torch.randint(1, 50, (20,))
+    counts[5] = 0  # an untrained item takes no part in the fit
+    ids = text @ linear + offset
+    ids[5] = 100.0
+    fitted = TextToId.fit(ids, text, counts, ridge=1e-9)
+    new = torch.randn(3, 8)
+    torch.testing.assert_close(fitted(new), new @ linear + offset, rtol=1e-4, atol=1e-4)
+    alike = TextToId.fit(ids, torch.ones(20, 8), counts)(torch.ones(1, 8))
+    weighted = (counts[:, None] * ids).sum(0) / counts.sum()
+    torch.testing.assert_close(alike[0], weighted.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alike[0], ids[counts > 0].mean(0), atol=1e-2)
+
+
+def test_training_places_items_it_never_saw_by_their_text_unless_told_not_to(tiny_synthetic, tmp_path):
+    """By default an item absent from the training sequences leaves training with the ID embedding its text
+    predicts from the trained items; with `impute_untrained: false` it keeps its initial draw."""
+    from m2rec.data.prepared import PreparedDataset
+
+    data = PreparedDataset.load(tiny_synthetic)
+    sequences = [s[s != 1] for s in data.train_sequences()]  # item 1 never trained
+    text = torch.randn(data.num_items + 1, 8)
+    weights = {}
+    for impute in (True, False):
+        torch.manual_seed(0)
+        model = build_model("sasrec_text", data.num_items, ModelParams(**FAST), text)
+        initial = model.item_embedding.weight[1].detach().clone()
+        train_model(model, sequences, *data.histories("valid"), TrainParams(
+            epochs=1, batch_size=32, impute_untrained=impute, progress=False), tmp_path / str(impute))
+        weights[impute] = model.item_embedding.weight.detach().clone()
+    counts = torch.zeros(data.num_items + 1, dtype=torch.long)
+    counts[1:] = torch.as_tensor(np.bincount(np.concatenate(sequences), minlength=data.num_items + 1)[1:])
+    expected = TextToId.fit(weights[True][1:], text[1:], counts[1:])(text[1:2])[0]
+    torch.testing.assert_close(weights[True][1], expected)
+    assert torch.equal(weights[False][1], initial) and not torch.allclose(expected, initial)
+
+
 def test_untrained_items_get_the_id_embedding_their_text_predicts():
-    """Trained items' ID embeddings that are a linear function of their text: an untrained item's imputed
-    embedding is that function of its text; padding, trained items and models without text are left alone."""
+    """Only real items without training occurrences change, to what `TextToId` predicts from their text; padding,
+    trained items and models without text are left alone."""
     torch.manual_seed(0)
     text = torch.randn(31, 8)
     text[0] = 0
     model = build_model("sasrec_text", 30, ModelParams(**FAST), text)
-    linear, offset = torch.randn(8, 16), torch.randn(16)
-    trained = torch.zeros(31, dtype=torch.bool)
-    trained[1:21] = True
-    with torch.no_grad():
-        model.item_embedding.weight[1:21] = text[1:21] @ linear + offset
+    counts = torch.zeros(31, dtype=torch.long)
+    counts[1:21] = torch.randint(1, 50, (20,))
     before = model.item_embedding.weight.detach().clone()
-    assert impute_untrained_embeddings(model, trained, ridge=1e-9) == 10
+    expected = TextToId.fit(before[1:], text[1:], counts[1:])(text[21:])
+    assert impute_untrained_embeddings(model, counts) == 10
     after = model.item_embedding.weight.detach()
-    torch.testing.assert_close(after[21:], text[21:] @ linear + offset, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[21:], expected)
     assert torch.equal(after[:21], before[:21])
     plain = build_model("sasrec", 30, ModelParams(**FAST))
     unchanged = plain.item_embedding.weight.detach().clone()
-    assert impute_untrained_embeddings(plain, trained) == 0 and torch.equal(plain.item_embedding.weight, unchanged)
+    assert impute_untrained_embeddings(plain, counts) == 0 and torch.equal(plain.item_embedding.weight, unchanged)

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
+from m2rec.model.cold_start import impute_untrained_embeddings
 from m2rec.model.files import CHECKPOINT_FILE
 from m2rec.training.batching import Window, epoch_batches, training_windows
-from m2rec.training.cold_start import impute_untrained_embeddings
 from m2rec.training.loss import LossKind, NextItemLoss
 from m2rec.training.stopping import should_stop
 from m2rec.utils.atomic import atomic_write_bytes
@@ -51,9 +51,10 @@ class TrainParams:
     # to max_length items of history (m2rec.training.batching.training_windows); null: max_length, windows that
     # do not overlap.
     window_stride: Annotated[int, Ge(1)] | None = None
-    # After training, give items absent from the training data the ID embedding their text predicts (ridge fit on
-    # the trained items; m2rec.training.cold_start), so a new catalog item can compete with trained ones.
-    impute_untrained: bool = False
+    # After training, give items absent from the training data the ID embedding their text predicts (occurrence-
+    # weighted ridge fit on the trained items, m2rec.model.cold_start), as POST /items does for an item added while
+    # serving, so a new catalog item competes with trained ones; false: they keep their random initial embedding.
+    impute_untrained: bool = True
     # full: exact cross-entropy over every trained item (memory bounded by computing it in chunks); sampled:
     # against `negatives` items drawn uniformly per step, constant work per position for catalogs of 100k+ items
     # (m2rec.training.loss).
@@ -85,13 +86,13 @@ def choose_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def trained_item_mask(train_sequences: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
-    """(num_items + 1,) bool: which item ids occur in the training sequences (padding id 0 never does)."""
-    mask = torch.zeros(num_items + 1, dtype=torch.bool)
-    if len(train_sequences):
-        mask[torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_sequences]))] = True
-    mask[0] = False
-    return mask
+def item_counts(train_sequences: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
+    """(num_items + 1,) int64: how often each item id occurs in the training sequences (padding id 0: never)."""
+    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in train_sequences]) if len(train_sequences) else \
+        np.zeros(0, dtype=np.int64)
+    counts = torch.from_numpy(np.bincount(ids, minlength=num_items + 1))
+    counts[0] = 0
+    return counts
 
 
 def _distributed() -> tuple[int, int]:
@@ -194,7 +195,7 @@ def _set_up(model: SequentialRecommender, train_sequences: Sequence[np.ndarray],
     rank, world = _distributed()
     device = choose_device(params.device)
     model.to(device)
-    loss_module = NextItemLoss(model, trained_item_mask(train_sequences, model.num_items), params.loss,
+    loss_module = NextItemLoss(model, item_counts(train_sequences, model.num_items) > 0, params.loss,
                                params.negatives)
     loss_module.to(device)
     if world > 1:
@@ -291,6 +292,6 @@ def train_model(
         log.info("early stop: no better smoothed validation NDCG@10 for %d epochs", params.patience)
     model.load_state_dict(state.best_weights)
     if params.impute_untrained:
-        impute_untrained_embeddings(model, trained_item_mask(train_sequences, model.num_items))
+        impute_untrained_embeddings(model, item_counts(train_sequences, model.num_items))
     return TrainResult(state.best_epoch, state.best_metric, len(state.history), state.history,
                        time.perf_counter() - started)
