@@ -1,10 +1,11 @@
 """New items without retraining (what POST /items does), against retraining with them.
 
-About 10% of the items are held out: a model is trained without them (never a target, never in a history; they
-stay negatives in the softmax, as in benchmarks/quality.py's cold start) and served without them, then they are
-added through `Recommender.add_items` (zero ID embedding, projected text from the same encoder). A second model is
-trained with every item. Both rank the test targets that are held-out items among all items, with the same
-histories; reported: HR@10, HR@100 and median rank of those targets, and HR@10 on the other test users.
+About 10% of the items are held out: a model is trained without them (never a target, never in a history, no
+negative in the softmax, as in benchmarks/quality.py's cold start) and served without them, then they are added
+through `Recommender.add_items`: each gets the ID embedding its text predicts (`TextToId`, fitted on the served
+items weighted by their training counts) and its projected text from the same encoder. A second model is trained
+with every item. Both rank the test targets that are held-out items among all items, with the same histories;
+reported: HR@10, HR@100 and median rank of those targets, and HR@10 on the other test users.
 
     python benchmarks/new_items.py --data /work/shared/datasets/ml-100k --epochs 5
 
@@ -52,8 +53,10 @@ def served_without(model: SequentialRecommender, params: ModelParams, data: Prep
     smaller = build_model("m2rec", len(keep), params, state["item_text"])
     smaller.load_state_dict(state)
     save_model(folder, smaller, params, {"text_model": DEFAULT_TEXT_MODEL})
+    counts = np.bincount(np.concatenate(data.train_sequences()), minlength=data.num_items + 1)[keep]  # (I',) kept items
     items = data.items.set_index("item_idx").loc[keep].reset_index(drop=True)
-    items.assign(item_idx=np.arange(1, len(keep) + 1))[["item_id", "item_idx", "text"]].to_parquet(folder / ITEMS_FILE)
+    items.assign(item_idx=np.arange(1, len(keep) + 1), train_count=counts)[
+        ["item_id", "item_idx", "text", "train_count"]].to_parquet(folder / ITEMS_FILE)
     return folder
 
 

@@ -1,9 +1,9 @@
-"""Items added while serving: placed by their text alone, recommendable at once, kept for the next retraining.
+"""Items added while serving: placed by their text, recommendable at once, kept for the next retraining.
 
 `ServedCatalog.add` embeds an item's text with the model's own text encoder, stores the item in the event log's
 items table (durable before the reply; an id is added once, whichever worker tries) and puts it into the served
-catalog: the model's item matrix (ID embedding zero, projected text; see `M2Rec.item_representations`), the id
-maps of the model and of the feature build (so events on it reach users' sequences).
+catalog: the model's item matrix (the ID embedding the text predicts, `TextToId`, plus the projected text; see
+`Recommender.add_items`), the id maps of the model and of the feature build (so events on it reach users' sequences).
 
 Every worker sees every added item: a worker reads the items it has not seen (`seq` greater than the last it
 applied, one indexed query) when a request names an item id it does not know, and before ranking at most every
