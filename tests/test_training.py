@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -242,9 +243,9 @@ def test_stopping_rule_smooths_with_an_exponential_average():
 
 
 def test_text_to_id_recovers_a_linear_map_and_weights_items_by_their_occurrences():
-    """ID embeddings that are a linear function of the text are predicted exactly (tiny ridge); when the text says
-    nothing (all items alike), the prediction is the occurrence-weighted mean ID embedding: a new item is placed
-    like the items users interact with, not like the average catalog item."""
+    """ID embeddings that are a linear function of the text are predicted exactly (tiny ridge), also when fitted
+    in chunks; when the text says nothing (all items alike), the prediction is the occurrence-weighted mean ID
+    embedding: a new item is placed like the items users interact with, not like the average catalog item."""
     torch.manual_seed(0)
     text, linear, offset = torch.randn(20, 8), torch.randn(8, 16), torch.randn(16)
     counts = torch.randint(1, 50, (20,))
@@ -258,6 +259,8 @@ def test_text_to_id_recovers_a_linear_map_and_weights_items_by_their_occurrences
     weighted = (counts[:, None] * ids).sum(0) / counts.sum()
     torch.testing.assert_close(alike[0], weighted.float(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(alike[0], ids[counts > 0].mean(0), atol=1e-2)
+    with mock.patch("m2rec.model.cold_start.CHUNK_ROWS", 7):  # a catalog fitted a few items at a time
+        torch.testing.assert_close(TextToId.fit(ids, text, counts, ridge=1e-9)(new), fitted(new))
 
 
 def test_training_places_items_it_never_saw_by_their_text_unless_told_not_to(tiny_synthetic, tmp_path):

@@ -20,6 +20,7 @@ import torch
 from m2rec.model.base import SequentialRecommender
 
 RIDGE = 1.0  # times the text Gram matrix's mean eigenvalue; chosen on validation, benchmarks/cold_start_rules.py
+CHUNK_ROWS = 65_536  # items per step of TextToId.fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,18 +37,23 @@ class TextToId:
         """Weighted ridge regression on the items with `counts` > 0: ids (N, H), text (N, T), counts (N,)
         training occurrences, each item weighted by count ** `power` in the means and the squared error (0: equal
         weights). The ridge is `ridge` times the mean eigenvalue of the weighted text Gram matrix, so its strength
-        does not depend on the text's scale. In float64."""
-        trained = counts > 0
-        ids, text = ids[trained].double(), text[trained].double()  # (N', H), (N', T)
-        share = counts[trained].double() ** power
-        share = (share / share.sum())[:, None]  # (N', 1)
-        text_mean, id_mean = (share * text).sum(0, keepdim=True), (share * ids).sum(0, keepdim=True)
-        centred = text - text_mean  # (N', T)
-        gram = centred.T @ (share * centred)  # (T, T)
+        does not depend on the text's scale. In float64, `CHUNK_ROWS` items at a time (memory: one chunk's copy and
+        the (T, T) moments, whatever the catalog's size)."""
+        share = torch.where(counts > 0, counts.double() ** power, 0.0)  # (N,)
+        share = share / share.sum()
+        chunks = [slice(start, start + CHUNK_ROWS) for start in range(0, len(text), CHUNK_ROWS)]
+        text_mean = sum((share[c, None] * text[c].double()).sum(0, keepdim=True) for c in chunks)  # (1, T)
+        id_mean = sum((share[c, None] * ids[c].double()).sum(0, keepdim=True) for c in chunks)  # (1, H)
+        gram = text.new_zeros(text.shape[1], text.shape[1], dtype=torch.float64)  # (T, T)
+        cross = text.new_zeros(text.shape[1], ids.shape[1], dtype=torch.float64)  # (T, H)
+        for c in chunks:
+            centred = text[c].double() - text_mean  # (n, T)
+            weighted = share[c, None] * centred  # (n, T)
+            gram += weighted.T @ centred
+            cross += weighted.T @ (ids[c].double() - id_mean)
         penalty = ridge * gram.diagonal().mean().clamp_min(1e-12)
-        weights = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
-                                     centred.T @ (share * (ids - id_mean)))  # (T, H)
-        return cls(weights, text_mean, id_mean)
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        return cls(torch.linalg.solve(gram + penalty * eye, cross), text_mean, id_mean)
 
     def __call__(self, text: torch.Tensor) -> torch.Tensor:
         """(N, T) text embeddings -> (N, H) predicted ID embeddings, in the text's dtype."""
