@@ -36,7 +36,7 @@ from m2rec.model.cold_start import RIDGE, TextToId
 from m2rec.model.factory import load_model, save_model
 from m2rec.stages.train import evaluate_split, fit, text_matrix
 from m2rec.text.embeddings import TextEncoderParams
-from m2rec.training.trainer import TrainParams
+from m2rec.training.trainer import TrainParams, item_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a script beside quality.py, not a package
 from quality import CACHE, MAX_LENGTH, RESULTS, configure, held_out_items, item_mask, load_dataset  # noqa: E402
@@ -116,8 +116,8 @@ def trained_without(data: PreparedDataset, name: str, held_out: np.ndarray, seed
 def measure(model: SequentialRecommender, data: PreparedDataset, held_out: np.ndarray, rule: Rule) -> dict:
     """Place the held-out items by `rule` and rank the validation and test targets."""
     held = item_mask(data.num_items, held_out)
-    counts = np.bincount(np.concatenate(data.train_sequences()), minlength=data.num_items + 1)[1:]  # (I,)
-    counts = torch.as_tensor(np.where(held[1:], 0, counts), dtype=torch.float64)
+    counts = item_counts(data.train_sequences(), data.num_items)[1:].double()  # (I,)
+    counts[torch.as_tensor(held[1:])] = 0
     original = model.item_embedding.weight.detach().clone()  # (I+1, H)
     with torch.no_grad():
         ids, text = original[1:].double(), model.item_text[1:].double()  # (I, H), (I, T)

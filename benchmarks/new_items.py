@@ -35,7 +35,7 @@ from m2rec.model.factory import build_model, save_model
 from m2rec.model.files import ITEMS_FILE
 from m2rec.stages.train import fit, text_matrix
 from m2rec.text.embeddings import DEFAULT_TEXT_MODEL, TextEncoderParams
-from m2rec.training.trainer import TrainParams
+from m2rec.training.trainer import TrainParams, item_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a script beside quality.py, not a package
 from quality import load_dataset  # noqa: E402
@@ -53,7 +53,7 @@ def served_without(model: SequentialRecommender, params: ModelParams, data: Prep
     smaller = build_model("m2rec", len(keep), params, state["item_text"])
     smaller.load_state_dict(state)
     save_model(folder, smaller, params, {"text_model": DEFAULT_TEXT_MODEL})
-    counts = np.bincount(np.concatenate(data.train_sequences()), minlength=data.num_items + 1)[keep]  # (I',) kept items
+    counts = item_counts(data.train_sequences(), data.num_items).numpy()[keep]  # (I',) kept items
     items = data.items.set_index("item_idx").loc[keep].reset_index(drop=True)
     items.assign(item_idx=np.arange(1, len(keep) + 1), train_count=counts)[
         ["item_id", "item_idx", "text", "train_count"]].to_parquet(folder / ITEMS_FILE)

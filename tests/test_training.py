@@ -28,7 +28,7 @@ from m2rec.model.factory import build_model
 from m2rec.stages.train import evaluate, train
 from m2rec.training.batching import epoch_batches, training_windows
 from m2rec.training.stopping import epochs_since_best, should_stop, smoothed
-from m2rec.training.trainer import TrainParams, restore_rng_states, rng_states, seed_everything, train_model
+from m2rec.training.trainer import TrainParams, item_counts, restore_rng_states, rng_states, seed_everything, train_model
 
 BIN = Path(sys.executable).parent
 FAST = dict(hidden_size=16, d_state=8, max_length=20, scales=[[0.001, 0.1], [0.1, 1.0]])
@@ -279,8 +279,7 @@ def test_training_places_items_it_never_saw_by_their_text_unless_told_not_to(tin
         train_model(model, sequences, *data.histories("valid"), TrainParams(
             epochs=1, batch_size=32, impute_untrained=impute, progress=False), tmp_path / str(impute))
         weights[impute] = model.item_embedding.weight.detach().clone()
-    counts = torch.zeros(data.num_items + 1, dtype=torch.long)
-    counts[1:] = torch.as_tensor(np.bincount(np.concatenate(sequences), minlength=data.num_items + 1)[1:])
+    counts = item_counts(sequences, data.num_items)
     expected = TextToId.fit(weights[True][1:], text[1:], counts[1:])(text[1:2])[0]
     torch.testing.assert_close(weights[True][1], expected)
     assert torch.equal(weights[False][1], initial) and not torch.allclose(expected, initial)

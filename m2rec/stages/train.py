@@ -16,7 +16,8 @@ from m2rec.model.config import ModelParams, uses_text
 from m2rec.model.factory import build_model, load_model, read_model_config, save_model
 from m2rec.model.files import HISTORY_FILE, ITEMS_FILE, METRICS_FILE
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
-from m2rec.training.trainer import TrainParams, TrainResult, choose_device, is_main_process, train_model
+from m2rec.training.trainer import (TrainParams, TrainResult, choose_device, is_main_process, item_counts,
+                                    train_model)
 from m2rec.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def train(
         else None, "train_params": train_params.__dict__,
     })
     keep = [c for c in ("item_id", "item_idx", "title", "text") if c in data.items.columns]
-    train_counts = np.bincount(np.concatenate(data.train_sequences()), minlength=data.num_items + 1)
+    train_counts = item_counts(data.train_sequences(), data.num_items).numpy()  # (I+1,)
     catalog = data.items[keep].assign(train_count=train_counts[data.items["item_idx"].to_numpy()])
     catalog.to_parquet(output / ITEMS_FILE, index=False)  # id map, titles and popularity for serving
     atomic_write_json(output / HISTORY_FILE, result.history)
