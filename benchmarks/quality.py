@@ -39,10 +39,10 @@ from m2rec.data.prepared import PreparedDataset
 from m2rec.data.schema import RawDataset
 from m2rec.data.sources import SourceSpec, read_source
 from m2rec.evaluation.metrics import per_user_metrics
-from m2rec.model.config import PAPER_DESIGN, ModelParams
+from m2rec.model.config import PAPER_DESIGN, ModelParams, uses_text
 from m2rec.stages.prepare import prepare
 from m2rec.stages.train import evaluate_split, fit, text_matrix
-from m2rec.text.embeddings import TextEncoderParams
+from m2rec.text.embeddings import TextEncoderParams, embed_texts
 from m2rec.training.batching import pad_right
 from m2rec.training.trainer import TrainParams
 
@@ -102,6 +102,7 @@ TRAIN_OVERRIDES["m2rec_single_scale_decay"] = {"weight_decay": 0.5}
 # stay valid.
 NEWER_FIELDS = {"text_in_sequence": (False, ("m2rec",))}
 MAX_LENGTH = 200  # RecBole protocol
+TEXT_EMBEDDINGS = f"text_embeddings-{TextEncoderParams().model}.npy"  # in a prepared dataset's folder
 GRID = {"learning_rate": [1e-3, 3e-3], "dropout": [0.2, 0.4], "depth": [1, 2]}  # depth = layers per stack
 DEFAULT_POINT = {"learning_rate": 1e-3, "dropout": 0.2, "depth": 1}  # Mamba4Rec's published defaults
 
@@ -188,6 +189,20 @@ def _dataset(data_dir: str | Path) -> PreparedDataset:
     return _LOADED[str(data_dir)]
 
 
+def dataset_text_embeddings(data_dir: str | Path) -> np.ndarray:
+    """(num_items, T) item-text embeddings of a prepared dataset, in its items' order, kept beside it in one file
+    (TEXT_EMBEDDINGS): computed once through the encoder's cache, then read by every run, also on a machine
+    that has the prepared folder but neither the encoder nor its cache (a lent GPU, benchmarks/device_study.sh)."""
+    file = Path(data_dir) / TEXT_EMBEDDINGS
+    if not file.exists():
+        vectors = embed_texts(_dataset(data_dir).items["text"].tolist(), TextEncoderParams())
+        tmp = file.with_name(f".{file.name}.{os.getpid()}")
+        with open(tmp, "wb") as out:
+            np.save(out, vectors)
+        tmp.replace(file)
+    return np.load(file, allow_pickle=False)
+
+
 def item_mask(num_items: int, items) -> np.ndarray:
     """(num_items + 1,) bool, True at `items`."""
     mask = np.zeros(num_items + 1, dtype=bool)
@@ -204,7 +219,8 @@ def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainP
     model_type, params, train_overrides = configure(variant, point, MAX_LENGTH)
     text_key = (data_dir, model_type, params.use_text)
     if text_key not in _LOADED:
-        _LOADED[text_key] = text_matrix(data, model_type, params, TextEncoderParams())
+        _LOADED[text_key] = text_matrix(data, model_type, params, TextEncoderParams(),
+                                        dataset_text_embeddings(data_dir) if uses_text(model_type, params) else None)
     sequences = None
     if held_out:
         mask = item_mask(data.num_items, held_out)
@@ -255,6 +271,7 @@ class Study:
     train: TrainParams
     pool: concurrent.futures.Executor | None = None
     runs_dir: Path = RUNS
+    train_missing: bool = True  # False: report what is stored, train nothing (a missing run's outcome is None)
 
     @property
     def data(self) -> PreparedDataset:
@@ -270,10 +287,15 @@ class Study:
                           self.data.stats.get("dataset_version")], sort_keys=True, default=str)
         return self.runs_dir / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
-    def run_all(self, jobs: list[tuple]) -> list[dict]:
-        """Outcomes of (variant, point, seed[, held_out]) jobs, training those not stored yet."""
+    def run_all(self, jobs: list[tuple]) -> list[dict | None]:
+        """Outcomes of (variant, point, seed[, held_out]) jobs, training those not stored yet (or, without
+        `train_missing`, None for them)."""
         stored = [self._stored(job) for job in jobs]
         todo = {path: job for path, job in zip(stored, jobs) if not path.exists()}
+        if todo and not self.train_missing:
+            log.info("%s: %d of %d runs not stored, left out: %s", self.data_dir.name, len(todo), len(jobs),
+                     ", ".join(f"{job[0]} (seed {job[2]})" for job in todo.values()))
+            return [_load(path) if path not in todo else None for path in stored]
         if todo:
             log.info("%s: %d of %d runs to train", self.data_dir.name, len(todo), len(jobs))
         calls = {path: (str(self.data_dir), *job[:3], self.train, *job[3:]) for path, job in todo.items()}
@@ -288,8 +310,13 @@ class Study:
 
     def choose(self, variants: list[str], grid: list[dict]) -> dict[str, dict]:
         """Each variant's grid point with the best validation NDCG@10 at the first seed (the same budget for
-        every model)."""
+        every model); with one point, that point (its first-seed run is the study's first seed anyway)."""
+        if len(grid) == 1:
+            return {v: grid[0] for v in variants}
         outcomes = self.run_all([(v, point, self.train.seed) for v in variants for point in grid])
+        if None in outcomes:
+            raise SystemExit(f"{self.data_dir.name}: tuning runs are not stored, so no grid point can be chosen "
+                             "from stored runs alone; run without --stored-only, or pass --chosen-from")
         scores = iter(o["valid"]["NDCG@10"] for o in outcomes)
         scored = {v: [(next(scores), i) for i in range(len(grid))] for v in variants}
         return {v: grid[max(pairs)[1]] for v, pairs in scored.items()}
@@ -388,7 +415,12 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
         held_out, cold_jobs = cold_start_jobs(study.data, chosen, study.train.seed)
         jobs += cold_jobs
     outcomes = study.run_all(jobs)
-    runs = {v: [o for job, o in zip(jobs, outcomes) if job[0] == v and len(job) == 3] for v in models}
+    runs = {v: [o for job, o in zip(jobs, outcomes) if job[0] == v and len(job) == 3 and o is not None]
+            for v in models}
+    runs = {v: r for v, r in runs.items() if r}  # (stored only) a model with no stored run is left out
+    if with_cold_start and None in outcomes[-len(cold_jobs):]:
+        log.info("cold start left out: not every cold-start run is stored")
+        with_cold_start = False
     meta = {"grid": grid, "chosen": chosen, "carried_over": sorted(carried),
             "curves": {v: r[0]["curve"] for v, r in runs.items()},
             "users": int(study.data.num_users), "items": int(study.data.num_items),
@@ -435,6 +467,16 @@ def epochs_cell(model: dict) -> str:
     return ", ".join(f"{b}/{r}" for b, r in zip(model["best_epochs"], model["epochs_run"]))
 
 
+def seeds_note(models: dict) -> str:
+    """Which seeds the means are over: one list for all, or each model's where they differ (a study reported from
+    stored runs before every model has all its seeds)."""
+    seeds = {v: m["seeds"] for v, m in models.items()}
+    if len({tuple(s) for s in seeds.values()}) == 1:
+        return f"Mean ± std over seeds {next(iter(seeds.values()))}."
+    return ("Mean ± std over each model's stored seeds (one seed: ± 0): " +
+            "; ".join(f"{v} {s}" for v, s in seeds.items()) + ".")
+
+
 def stop_check(models: dict, max_epochs: int) -> str:
     """Which runs ended at the epoch cap (the stopping rule had not fired: stopped before their plateau) and which
     had their best epoch in the first quarter of the run."""
@@ -475,8 +517,7 @@ def markdown(results: dict) -> str:
         meta, models = entry["_meta"], models_of(entry)
         lines += [f"## {dataset}", "", f"Command: `{meta['command']}`", "",
                   f"{meta['users']} test users, {meta['items']} items; batch {meta['batch_size']}, at most "
-                  f"{meta['max_epochs']} epochs, {stopping_rule(meta)}. Mean ± std over seeds "
-                  f"{models[next(iter(models))]['seeds']}. "
+                  f"{meta['max_epochs']} epochs, {stopping_rule(meta)}. {seeds_note(models)} "
                   "Trained on: "
                   f"{', '.join(sorted({d for m in models.values() for d in m['devices']}))}.", "",
                   "| model | " + " | ".join(REPORTED) + " | valid NDCG@10 | best epoch / epochs run | train s |",
@@ -626,6 +667,12 @@ def main() -> None:
                         help="ml-100k, one seed, no grid, no cold start, batch 128, 10 epochs (no early stop)")
     parser.add_argument("--output", type=Path, default=RESULTS / "quality.json")
     parser.add_argument("--status", action="store_true", help="list the stored runs (of unfinished studies too)")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="train nothing: report the stored runs, each model with the seeds it has (a model "
+                             "without any is left out, and so is cold start unless all its runs are stored)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="prepare each dataset and its item-text embeddings under benchmarks/.cache/data and stop "
+                             "(what benchmarks/device_study.sh carries to a lent GPU)")
     args = parser.parse_args()
     if args.status:
         print(stored_runs_table(RUNS))
@@ -648,16 +695,20 @@ def main() -> None:
         args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
     for path in args.dataset:
         name, data_dir = load_dataset(path.resolve(), args.format, args.sample_users)
+        if args.prepare_only:
+            log.info("%s: prepared in %s, text embeddings %s", name, data_dir, dataset_text_embeddings(data_dir).shape)
+            continue
         carried = json.loads(args.chosen_from.read_text()).get(name, {}).get("_meta", {}).get("chosen", {}) \
             if args.chosen_from else {}
         carried = {v: p for v, p in carried.items() if v not in args.retune}
-        entry = study_dataset(Study(data_dir, train, pool), args.models, grid_points(args.grid), args.seeds,
+        entry = study_dataset(Study(data_dir, train, pool, train_missing=not args.stored_only), args.models, grid_points(args.grid), args.seeds,
                               not args.no_cold_start, carried)
         entry["_meta"]["command"] = command
         results = save(args.output, name, entry)
     if pool is not None:
         pool.shutdown()
-    print(markdown(results))
+    if not args.prepare_only:
+        print(markdown(results))
 
 
 if __name__ == "__main__":

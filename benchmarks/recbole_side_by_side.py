@@ -8,17 +8,22 @@ m2rec: it is installed on demand into its own venv, which borrows torch, numpy, 
 from the running interpreter through a .pth file (so no second torch is downloaded; RecBole's `ray` extra is
 skipped because only its hyperparameter search needs it).
 
-    python benchmarks/recbole_side_by_side.py                      # both, seed 42 (hours on 2 CPU cores)
-    python benchmarks/recbole_side_by_side.py --only recbole --epochs 5
-    python benchmarks/recbole_side_by_side.py --only m2rec --window-stride 50
+    python benchmarks/recbole_side_by_side.py                      # both, seeds 42-44 (days on 2 CPU cores)
+    python benchmarks/recbole_side_by_side.py --only recbole --seeds 1 --epochs 5
+    python benchmarks/recbole_side_by_side.py --only m2rec --seed 43 --seeds 1 --window-stride 50
+    python benchmarks/recbole_side_by_side.py --wheels DIR --device cuda   # offline: RecBole from DIR's wheels
 
-Writes benchmarks/results/recbole_side_by_side.json: each side's validation and test HR/NDCG/MRR@10/@20, best
-epoch, epochs run, seconds and the configuration.
+Each (side, seed) run is merged into benchmarks/results/recbole_side_by_side.json under a lock as it ends, so
+runs may go in parallel processes (benchmarks/device_study.sh starts one per side and seed on a lent GPU). The file
+holds each run's validation and test HR/NDCG/MRR@10/@20, best epoch, epochs run, seconds and configuration, and a
+summary: each side's mean, spread and range over seeds, and whether this project's mean test HR@10 and NDCG@10
+lie within RecBole's range over its seeds (the parity the quality issue asks for).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -28,14 +33,15 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 RECBOLE = "recbole==1.2.1"
-# RecBole's runtime imports besides those borrowed from this interpreter (torch, numpy, pandas, scipy, sklearn, yaml)
-RECBOLE_DEPS = ["colorlog==4.7.2", "colorama==0.4.4", "tensorboard", "thop", "tabulate", "texttable", "plotly",
-                "psutil"]
+# RecBole's runtime imports besides those borrowed from this interpreter (torch, numpy, pandas, scipy, sklearn, yaml);
+# plotly, which it lists too, is imported only by its hyperparameter search
+RECBOLE_DEPS = ["colorlog==4.7.2", "colorama==0.4.4", "tensorboard", "thop", "tabulate", "texttable", "psutil"]
 PROTOCOL = {"max_length": 200, "hidden_size": 64, "layers": 2, "heads": 2, "dropout": 0.5, "learning_rate": 1e-3,
             "batch_size": 512, "k_core": 5, "stopping_step": 10}
 log = logging.getLogger("recbole_side_by_side")
@@ -71,19 +77,25 @@ print("RESULT " + json.dumps({"valid": dict(valid_result), "test": dict(test_res
 '''
 
 
-def recbole_python(venv: Path) -> Path:
-    """The RecBole venv's interpreter, creating the venv and installing RecBole there when missing."""
+def recbole_python(venv: Path, wheels: Path | None = None) -> Path:
+    """The RecBole venv's interpreter, creating the venv and installing RecBole there when missing (from PyPI, or
+    offline from the wheels in `wheels`); one process installs while parallel ones wait on a lock."""
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import recbole"], capture_output=True).returncode == 0:
-        return python
-    log.info("installing %s into %s", RECBOLE, venv)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    Path(purelib, "borrowed-from-m2rec.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + ["--no-deps", RECBOLE], check=True)  # its ray pin is for hyperparameter search only
-    subprocess.run(pip + RECBOLE_DEPS, check=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.with_name(venv.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and subprocess.run([str(python), "-c", "import recbole"],
+                                              capture_output=True).returncode == 0:
+            return python
+        log.info("installing %s into %s%s", RECBOLE, venv, f" from {wheels}" if wheels else "")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        Path(purelib, "borrowed-from-m2rec.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        pip = [str(python), "-m", "pip", "install", "--quiet", *(["--no-index", "--find-links", str(wheels)]
+                                                                  if wheels else [])]
+        subprocess.run(pip + ["--no-deps", RECBOLE], check=True)  # its ray pin is for hyperparameter search only
+        subprocess.run(pip + RECBOLE_DEPS, check=True)
     return python
 
 
@@ -94,14 +106,19 @@ def recbole_atomic_file(source: Path, root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         ratings = pd.read_csv(source / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
         ratings.columns = ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]
-        ratings.to_csv(target, sep="\t", index=False)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")  # parallel runs may write it at once
+        ratings.to_csv(tmp, sep="\t", index=False)
+        tmp.replace(target)
     return root
 
 
-def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, device: str) -> dict:
+def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, device: str,
+                wheels: Path | None = None) -> dict:
     """Train and test RecBole's SASRec at its defaults plus the shared protocol; returns its metrics."""
+    run_dir = work / f"recbole-seed{seed}"  # RecBole names checkpoints and logs by the second they start
+    run_dir.mkdir(parents=True, exist_ok=True)
     settings = {
-        "data_path": str(recbole_atomic_file(source, work / "data")), "checkpoint_dir": str(work / "saved"),
+        "data_path": str(recbole_atomic_file(source, work / "data")), "checkpoint_dir": str(run_dir / "saved"),
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "user_inter_num_interval": f"[{PROTOCOL['k_core']},inf)",
@@ -115,8 +132,8 @@ def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, de
     }
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # RecBole reloads its own pickled checkpoint
     started = time.time()
-    done = subprocess.run([str(recbole_python(venv)), "-c", RECBOLE_DRIVER, json.dumps(settings)], env=env,
-                          cwd=work, stdout=subprocess.PIPE, text=True, check=True)
+    done = subprocess.run([str(recbole_python(venv, wheels)), "-c", RECBOLE_DRIVER, json.dumps(settings)], env=env,
+                          cwd=run_dir, stdout=subprocess.PIPE, text=True, check=True)
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     return {**result, "wall_seconds": round(time.time() - started), "settings": settings}
 
@@ -131,50 +148,89 @@ def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: i
     from m2rec.training.trainer import TrainParams
 
     data = work / "m2rec-data"
-    if not (data / "stats.json").exists():
-        prepare(SourceSpec("movielens", str(source)), data,
-                PrepareParams(k_core_users=PROTOCOL["k_core"], k_core_items=PROTOCOL["k_core"]))
+    with open(work / "m2rec-data.lock", "w") as lock:  # parallel runs prepare it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (data / "stats.json").exists():
+            prepare(SourceSpec("movielens", str(source)), data,
+                    PrepareParams(k_core_users=PROTOCOL["k_core"], k_core_items=PROTOCOL["k_core"]))
     model = ModelParams(max_length=PROTOCOL["max_length"], hidden_size=PROTOCOL["hidden_size"],
                         sasrec_layers=PROTOCOL["layers"], num_heads=PROTOCOL["heads"], dropout=PROTOCOL["dropout"])
     training = TrainParams(epochs=epochs, batch_size=PROTOCOL["batch_size"], learning_rate=PROTOCOL["learning_rate"],
                            seed=seed, window_stride=window_stride, device=device, progress=False)
     started = time.time()
-    metrics = train(data, work / "m2rec-sasrec", "sasrec", model, training)
+    metrics = train(data, work / f"m2rec-sasrec-seed{seed}", "sasrec", model, training)
     return {"valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
             "epochs_run": metrics["epochs_run"], "wall_seconds": round(time.time() - started),
             "train_params": training.__dict__}
+
+
+COMPARED = ("HR@10", "NDCG@10")
+
+
+def summarize(runs: dict[str, dict[str, dict]]) -> dict:
+    """Each side's test HR@10 and NDCG@10 over its seeds (mean, std, min, max), and whether this project's mean
+    lies within RecBole's range over seeds (None until both sides have run at least two seeds)."""
+    summary: dict = {}
+    for side, by_seed in runs.items():
+        summary[side] = {"seeds": sorted(int(s) for s in by_seed)}
+        for metric in COMPARED:
+            values = np.array([_metric(run["test"], metric) for run in by_seed.values()])
+            summary[side][metric] = {"mean": float(values.mean()), "std": float(values.std()),
+                                     "min": float(values.min()), "max": float(values.max())}
+    theirs, ours = summary.get("recbole_sasrec"), summary.get("m2rec_sasrec")
+    if theirs and ours and len(theirs["seeds"]) > 1 and len(ours["seeds"]) > 1:
+        summary["within_recbole_range"] = {m: theirs[m]["min"] <= ours[m]["mean"] <= theirs[m]["max"]
+                                           for m in COMPARED}
+    return summary
+
+
+def _metric(metrics: dict, name: str) -> float:
+    """A metric by this project's name from either side (RecBole writes `hit@10`, `ndcg@10`)."""
+    return float({k.lower().replace("hit@", "hr@"): v for k, v in metrics.items()}[name.lower()])
+
+
+def merge(output: Path, side: str, seed: int, result: dict, command: str) -> dict:
+    """Add one run to the results file under a lock (parallel runs write the same file) and refresh its summary."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(output.read_text()) if output.exists() else {}
+        results["protocol"] = PROTOCOL
+        results.setdefault("runs", {}).setdefault(side, {})[str(seed)] = {**result, "command": command}
+        results["summary"] = summarize(results["runs"])
+        tmp = output.with_name(f".{output.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        tmp.replace(output)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent.parent / "shared" / "datasets" / "ml-100k",
                         help="ml-100k folder (u.data), read in place")
-    parser.add_argument("--only", choices=("recbole", "m2rec"), help="run one side (the other side is kept from "
-                        "the existing results file)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--only", choices=("recbole", "m2rec"), help="run one side")
+    parser.add_argument("--seed", type=int, default=42, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed + 1, ...")
     parser.add_argument("--epochs", type=int, default=300, help="epoch cap (RecBole's default: 300)")
     parser.add_argument("--window-stride", type=int, default=1, help="this project's windows (1: every prefix)")
     parser.add_argument("--venv", type=Path, default=Path("/tmp/recbole-venv"))
+    parser.add_argument("--wheels", type=Path, help="install RecBole offline from the wheels in this folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recbole-side-by-side"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--output", type=Path, default=RESULTS / "recbole_side_by_side.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.work.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.output.read_text()) if args.output.exists() else {}
-    results.update({"protocol": PROTOCOL, "seed": args.seed,
-                    "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])})
-    if args.only in (None, "recbole"):
-        results["recbole_sasrec"] = run_recbole(args.dataset, args.venv, args.work, args.seed, args.epochs,
-                                                args.device)
-    if args.only in (None, "m2rec"):
-        results["m2rec_sasrec"] = run_m2rec(args.dataset, args.work, args.seed, args.epochs, args.window_stride,
-                                            args.device)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, default=str))
-    for side in ("recbole_sasrec", "m2rec_sasrec"):
-        if side in results:
-            print(side, {k: round(v, 4) for k, v in results[side]["test"].items() if k.lower().endswith("@10")})
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    results: dict = {}
+    for seed in range(args.seed, args.seed + args.seeds):
+        if args.only in (None, "recbole"):
+            run = run_recbole(args.dataset, args.venv, args.work, seed, args.epochs, args.device, args.wheels)
+            results = merge(args.output, "recbole_sasrec", seed, run, command)
+        if args.only in (None, "m2rec"):
+            run = run_m2rec(args.dataset, args.work, seed, args.epochs, args.window_stride, args.device)
+            results = merge(args.output, "m2rec_sasrec", seed, run, command)
+    print(json.dumps(results.get("summary", {}), indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,6 +83,16 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     again = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
     assert again["m2rec"] == entry["m2rec"] and again["_meta"]["cold_start"] == cold
 
+    # reported from stored runs alone: each model with the seeds it has, a model with none left out
+    stored_only = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs", train_missing=False)
+    stored_only._stored(("sasrec", quality.DEFAULT_POINT, 43)).unlink()
+    partial = quality.study_dataset(stored_only, [*models, "m2rec_no_text"], quality.grid_points("none"), seeds=3,
+                                    with_cold_start=True)
+    assert "m2rec_no_text" not in partial and partial["m2rec"]["seeds"] == [42, 43]
+    assert partial["sasrec"]["seeds"] == [42] and partial["_meta"]["cold_start"] == cold
+    assert "sasrec" in partial["_meta"]["significance"]
+    assert "each model's stored seeds (one seed: ± 0): m2rec [42, 43]" in quality.seeds_note(quality.models_of(partial))
+
     output = tmp_path / "results" / "quality.json"
     entry["_meta"]["command"] = "python benchmarks/quality.py ..."
     quality.save(output, "tiny", entry)
@@ -157,3 +168,21 @@ def test_a_field_added_later_changes_only_the_keys_of_runs_that_read_it(tiny_syn
     assert study._stored(sasrec) == before["sasrec"]
     monkeypatch.setitem(quality.VARIANTS, "m2rec", ("m2rec", {**quality.PAPER, "text_in_sequence": True}))
     assert study._stored(paper) != before["m2rec"]
+
+
+def test_item_text_embeddings_are_computed_once_and_kept_beside_the_prepared_dataset(tiny_synthetic, tmp_path,
+                                                                                        monkeypatch):
+    """Every run reads one embeddings file kept in the dataset's folder, so a machine that has the prepared folder
+    (a lent GPU) needs neither the text encoder nor its cache."""
+    data = tmp_path / "tiny"
+    shutil.copytree(tiny_synthetic, data)
+    (data / quality.TEXT_EMBEDDINGS).unlink(missing_ok=True)  # an earlier study of the shared fixture wrote one
+    texts = quality.PreparedDataset.load(data).items["text"].tolist()
+    embedded = []
+    monkeypatch.setattr(quality, "embed_texts", lambda batch, params: embedded.append(batch) or
+                        np.arange(len(batch) * 3, dtype=np.float32).reshape(len(batch), 3))
+    first = quality.dataset_text_embeddings(data)
+    assert embedded == [texts] and first.shape == (len(texts), 3)
+    assert (data / quality.TEXT_EMBEDDINGS).exists()
+    monkeypatch.setattr(quality, "_LOADED", {})  # another process: nothing loaded yet
+    assert np.array_equal(quality.dataset_text_embeddings(data), first) and len(embedded) == 1

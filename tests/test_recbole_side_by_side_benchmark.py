@@ -1,0 +1,58 @@
+"""The RecBole side by side: parallel runs (one process per side and seed) merge into one results file without
+losing a run, and the summary says whether this project's SASRec lies within RecBole's seed range."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "recbole_side_by_side", Path(__file__).parents[1] / "benchmarks" / "recbole_side_by_side.py")
+side_by_side = importlib.util.module_from_spec(spec)
+sys.modules["recbole_side_by_side"] = side_by_side
+spec.loader.exec_module(side_by_side)
+
+
+def _run(hr: float, ndcg: float, recbole: bool) -> dict:
+    """One run's record as each side writes it (RecBole names its metrics `hit@10`, `ndcg@10`)."""
+    test = {"hit@10": hr, "ndcg@10": ndcg} if recbole else {"HR@10": hr, "NDCG@10": ndcg}
+    return {"test": test, "valid": test, "best_epoch": 3, "epochs_run": 13}
+
+
+def _merge_one(output: Path, side: str, seed: int, hr: float) -> None:
+    side_by_side.merge(output, side, seed, _run(hr, hr / 2, side == "recbole_sasrec"), "test")
+
+
+def test_parallel_runs_merge_into_one_file_and_none_is_lost(tmp_path):
+    output = tmp_path / "recbole_side_by_side.json"
+    runs = [(side, seed, 0.10 + seed / 1000) for side in ("recbole_sasrec", "m2rec_sasrec") for seed in (42, 43, 44)]
+    processes = [multiprocessing.get_context("fork").Process(target=_merge_one, args=(output, *run))
+                 for run in runs]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    results = json.loads(output.read_text())
+    assert {side: sorted(seeds) for side, seeds in results["runs"].items()} == {
+        "recbole_sasrec": ["42", "43", "44"], "m2rec_sasrec": ["42", "43", "44"]}
+    assert results["summary"]["recbole_sasrec"]["HR@10"]["mean"] == pytest.approx(0.143)
+    assert results["summary"]["within_recbole_range"] == {"HR@10": True, "NDCG@10": True}
+
+
+def test_parity_is_judged_against_recbole_seed_range_and_only_with_seeds_on_both_sides():
+    recbole = {str(s): _run(hr, hr / 2, True) for s, hr in zip((42, 43, 44), (0.118, 0.120, 0.124))}
+    close = {str(s): _run(hr, hr / 2, False) for s, hr in zip((42, 43, 44), (0.117, 0.121, 0.122))}
+    below = {str(s): _run(hr, hr / 2, False) for s, hr in zip((42, 43, 44), (0.100, 0.104, 0.109))}
+    summary = side_by_side.summarize({"recbole_sasrec": recbole, "m2rec_sasrec": close})
+    assert summary["within_recbole_range"] == {"HR@10": True, "NDCG@10": True}
+    assert summary["recbole_sasrec"]["HR@10"]["min"] == 0.118 and summary["m2rec_sasrec"]["seeds"] == [42, 43, 44]
+    assert side_by_side.summarize({"recbole_sasrec": recbole, "m2rec_sasrec": below})["within_recbole_range"] == {
+        "HR@10": False, "NDCG@10": False}
+    assert "within_recbole_range" not in side_by_side.summarize({"recbole_sasrec": recbole,
+                                                                 "m2rec_sasrec": {"42": close["42"]}})
