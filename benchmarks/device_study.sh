@@ -3,7 +3,7 @@
 # the full amazon-games set that the CPU cannot train in a session (every model, 3 seeds, cold start) and the
 # RecBole side by side on ml-100k (3 seeds a side), each run stored as it ends and brought back in $OUT.
 #
-#   bash benchmarks/device_study.sh prepare       # here: .device/ (prepared data, text embeddings, wheels; ~20 MB)
+#   bash benchmarks/device_study.sh prepare       # here: .device/ (prepared data, text embeddings, wheels; ~45 MB)
 #   device run: command "bash benchmarks/device_study.sh run", carry [".device"], timeout_s 600
 #   bash benchmarks/device_study.sh unpack DIR    # here: DIR is the reply's files_at; then commit the new runs
 #
@@ -51,8 +51,10 @@ run() {
                 --dataset "$DEVICE_DIR/ml-100k" >> "$OUT/recbole.log" 2>&1 &
         done
     done
-    timeout "$BUDGET" $PY benchmarks/quality.py "${STUDY[@]}" --jobs 8 --output /tmp/quality_device.json \
-        > "$OUT/quality.log" 2>&1 || echo "quality.py stopped (exit $?); the runs that ended are stored" >> "$OUT/quality.log"
+    {  # one open log for the study, its workers and the note (a second opening would overwrite lines)
+        timeout "$BUDGET" $PY benchmarks/quality.py "${STUDY[@]}" --jobs 8 --output /tmp/quality_device.json ||
+            echo "quality.py stopped (exit $?); the runs that ended are stored"
+    } > "$OUT/quality.log" 2>&1
     wait || true
     tar -czf "$OUT/quality_runs.tar.gz" -C benchmarks/results quality_runs/amazon-games
     cp benchmarks/results/recbole_side_by_side.json "$OUT/" 2>/dev/null || true

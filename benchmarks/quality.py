@@ -294,7 +294,8 @@ class Study:
         todo = {path: job for path, job in zip(stored, jobs) if not path.exists()}
         if todo and not self.train_missing:
             log.info("%s: %d of %d runs not stored, left out: %s", self.data_dir.name, len(todo), len(jobs),
-                     ", ".join(f"{job[0]} (seed {job[2]})" for job in todo.values()))
+                     ", ".join(f"{job[0]} (seed {job[2]}{', cold start' if len(job) > 3 else ''})"
+                               for job in todo.values()))
             return [_load(path) if path not in todo else None for path in stored]
         if todo:
             log.info("%s: %d of %d runs to train", self.data_dir.name, len(todo), len(jobs))
@@ -421,7 +422,7 @@ def study_dataset(study: Study, models: list[str], grid: list[dict], seeds: int,
     if with_cold_start and None in outcomes[-len(cold_jobs):]:
         log.info("cold start left out: not every cold-start run is stored")
         with_cold_start = False
-    meta = {"grid": grid, "chosen": chosen, "carried_over": sorted(carried),
+    meta = {"grid": grid, "chosen": {v: chosen[v] for v in runs}, "carried_over": sorted(carried),
             "curves": {v: r[0]["curve"] for v, r in runs.items()},
             "users": int(study.data.num_users), "items": int(study.data.num_items),
             "batch_size": study.train.batch_size, "max_epochs": study.train.epochs, "patience": study.train.patience,
@@ -544,7 +545,7 @@ def markdown(results: dict) -> str:
                       "trained on |", "|---|---|---|---|---|---|"]
             lines += [f"| {v} | {cold[v]['HR@10']:.4f} | {cold[v]['HR@100']:.4f} | {cold[v]['median_rank']:.0f} | "
                       f"{cold[v]['warm_HR@10']:.4f} | {cold[v]['device']} |" for v in cold if isinstance(cold[v], dict)]
-        lines += ["", f"Grid ({len(meta['grid'])} points, chosen on validation NDCG@10 at the first seed): "
+        lines += ["", f"Grid ({len(meta['grid'])} point{'s' * (len(meta['grid']) > 1)}, chosen on validation NDCG@10 at the first seed): "
                   f"{meta['grid']}", "", f"Chosen: {meta['chosen']}", ""]
         if meta.get("carried_over"):
             lines += [f"Points carried over from an earlier study's validation choice (not tuned again): "
