@@ -582,6 +582,8 @@ def plot_effects(results: dict, path: Path) -> None:
     default), the relative difference of HR@10 and NDCG@10 to each other model with its bootstrap 95% interval."""
     plt = _pyplot()
     keys = [k for k in SIGNIFICANCE if any(e["_meta"].get(k) for e in results.values())]
+    if not keys:  # a study of baselines only (a tuning grid, say) has no paired tests to draw
+        return
     rows = max(len(e["_meta"].get(k, {})) for e in results.values() for k in keys)  # most models in one panel
     fig, axes = plt.subplots(len(results), len(keys), squeeze=False,
                              figsize=(6 * len(keys), (0.45 * rows + 1) * len(results)))

@@ -186,3 +186,9 @@ def test_item_text_embeddings_are_computed_once_and_kept_beside_the_prepared_dat
     assert (data / quality.TEXT_EMBEDDINGS).exists()
     monkeypatch.setattr(quality, "_LOADED", {})  # another process: nothing loaded yet
     assert np.array_equal(quality.dataset_text_embeddings(data), first) and len(embedded) == 1
+
+
+def test_a_study_without_paired_tests_draws_no_effects_plot(tmp_path):
+    """Baselines alone (a tuning grid of SASRec, say) have no M2Rec to test against: nothing to draw, no error."""
+    quality.plot_effects({"tiny": {"_meta": {}, "sasrec": {}}}, tmp_path / "effects.png")
+    assert not (tmp_path / "effects.png").exists()
