@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -45,6 +46,7 @@ from m2rec.stages.train import evaluate_split, fit, text_matrix
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
 from m2rec.training.batching import pad_right
 from m2rec.training.trainer import TrainParams
+from m2rec.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger("quality")
 ROOT = Path(__file__).resolve().parent
@@ -196,10 +198,9 @@ def dataset_text_embeddings(data_dir: str | Path) -> np.ndarray:
     file = Path(data_dir) / TEXT_EMBEDDINGS
     if not file.exists():
         vectors = embed_texts(_dataset(data_dir).items["text"].tolist(), TextEncoderParams())
-        tmp = file.with_name(f".{file.name}.{os.getpid()}")
-        with open(tmp, "wb") as out:
-            np.save(out, vectors)
-        tmp.replace(file)
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        atomic_write_bytes(file, buffer.getvalue())
     return np.load(file, allow_pickle=False)
 
 

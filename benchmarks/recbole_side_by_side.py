@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from m2rec.utils.atomic import atomic_write_bytes, atomic_write_json
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 RECBOLE = "recbole==1.2.1"
@@ -106,9 +108,7 @@ def recbole_atomic_file(source: Path, root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         ratings = pd.read_csv(source / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
         ratings.columns = ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")  # parallel runs may write it at once
-        ratings.to_csv(tmp, sep="\t", index=False)
-        tmp.replace(target)
+        atomic_write_bytes(target, ratings.to_csv(sep="\t", index=False).encode())  # parallel runs may write it
     return root
 
 
@@ -169,7 +169,7 @@ COMPARED = ("HR@10", "NDCG@10")
 
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
     """Each side's test HR@10 and NDCG@10 over its seeds (mean, std, min, max), and whether this project's mean
-    lies within RecBole's range over seeds (None until both sides have run at least two seeds)."""
+    lies within RecBole's range over seeds (`within_recbole_range`, absent until both sides have two seeds)."""
     summary: dict = {}
     for side, by_seed in runs.items():
         summary[side] = {"seeds": sorted(int(s) for s in by_seed)}
@@ -198,9 +198,7 @@ def merge(output: Path, side: str, seed: int, result: dict, command: str) -> dic
         results["protocol"] = PROTOCOL
         results.setdefault("runs", {}).setdefault(side, {})[str(seed)] = {**result, "command": command}
         results["summary"] = summarize(results["runs"])
-        tmp = output.with_name(f".{output.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        tmp.replace(output)
+        atomic_write_json(output, results)
     return results
 
 
