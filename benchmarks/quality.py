@@ -28,8 +28,8 @@ import logging
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = ROOT / ".cache"
 RUNS = RESULTS / "quality_runs"  # every finished run, committed: a study resumes across machines and sessions
+CHECKPOINTS = CACHE / "checkpoints"  # each unfinished run's last epoch: a killed run resumes on this machine
 REPORTED = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 PAPER = PAPER_DESIGN
 VARIANTS = {  # name -> (model type, ModelParams overrides); M2Rec as the paper designs it, whatever the defaults
@@ -211,11 +212,12 @@ def item_mask(num_items: int, items) -> np.ndarray:
     return mask
 
 
-def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainParams,
+def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainParams, checkpoint_dir: str,
               held_out: tuple[int, ...] = ()) -> dict:
     """Train one model with one seed (without the `held_out` items, for cold start) and return its validation
     metrics, per-user test ranks, best epoch, time, validation curve and (M2Rec) mean gate weights. Runs in the
-    calling process or in a worker of the pool."""
+    calling process or in a worker of the pool; a run killed part-way continues from its last epoch in
+    `checkpoint_dir` (the trainer's exact resume) and ends as an uninterrupted run would."""
     data = _dataset(data_dir)
     model_type, params, train_overrides = configure(variant, point, MAX_LENGTH)
     text_key = (data_dir, model_type, params.use_text)
@@ -226,9 +228,8 @@ def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainP
     if held_out:
         mask = item_mask(data.num_items, held_out)
         sequences = [s[~mask[s]] for s in data.train_sequences()]
-    with tempfile.TemporaryDirectory() as checkpoints:
-        model, result = fit(data, model_type, params, dataclasses.replace(train, seed=seed, **train_overrides),
-                            checkpoints, _LOADED[text_key], train_sequences=sequences)
+    model, result = fit(data, model_type, params, dataclasses.replace(train, seed=seed, **train_overrides),
+                        checkpoint_dir, _LOADED[text_key], resume=True, train_sequences=sequences)
     valid, _ = evaluate_split(model, data, "valid")
     test, ranks = evaluate_split(model, data, "test")
     log.info("%s %s seed %d%s: valid NDCG@10 %.4f, test HR@10 %.4f NDCG@10 %.4f", variant, point, seed,
@@ -272,6 +273,7 @@ class Study:
     train: TrainParams
     pool: concurrent.futures.Executor | None = None
     runs_dir: Path = RUNS
+    checkpoints_dir: Path = CHECKPOINTS
     train_missing: bool = True  # False: report what is stored, train nothing (a missing run's outcome is None)
 
     @property
@@ -300,15 +302,24 @@ class Study:
             return [_load(path) if path not in todo else None for path in stored]
         if todo:
             log.info("%s: %d of %d runs to train", self.data_dir.name, len(todo), len(jobs))
-        calls = {path: (str(self.data_dir), *job[:3], self.train, *job[3:]) for path, job in todo.items()}
+        calls = {path: (str(self.data_dir), *job[:3], self.train, str(self._checkpoints(path)), *job[3:])
+                 for path, job in todo.items()}
         if self.pool is None:
             for path, call in calls.items():
-                _store(path, train_job(*call), todo[path])
+                self._finish(path, train_job(*call), todo[path])
         else:
             futures = {self.pool.submit(train_job, *call): path for path, call in calls.items()}
             for future in concurrent.futures.as_completed(futures):
-                _store(futures[future], future.result(), todo[futures[future]])
+                self._finish(futures[future], future.result(), todo[futures[future]])
         return [_load(path) for path in stored]
+
+    def _checkpoints(self, stored: Path) -> Path:
+        """The folder of a run's epoch checkpoints until it is stored (ignored by git: local to this machine)."""
+        return self.checkpoints_dir / stored.parent.name / stored.stem
+
+    def _finish(self, stored: Path, outcome: dict, job: tuple) -> None:
+        _store(stored, outcome, job)
+        shutil.rmtree(self._checkpoints(stored), ignore_errors=True)
 
     def choose(self, variants: list[str], grid: list[dict]) -> dict[str, dict]:
         """Each variant's grid point with the best validation NDCG@10 at the first seed (the same budget for

@@ -57,9 +57,10 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     monkeypatch.setattr(quality, "CACHE", tmp_path / "cache")
     models = ["m2rec", "m2rec_default", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft", "m2rec_default_no_gate"]
     train = TrainParams(epochs=1, batch_size=32, progress=False)
-    study = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs")
+    study = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs", checkpoints_dir=tmp_path / "ckpt")
     entry = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
     assert set(entry) == {*models, "_meta"}
+    assert not any((tmp_path / "ckpt").rglob("*.pt"))  # a stored run leaves no checkpoint behind
     assert entry["m2rec"]["seeds"] == [42, 43] and len(entry["m2rec"]["best_epochs"]) == 2
     assert set(entry["m2rec"]["mean_gates"]) == {"temporal", "frequency", "semantic"}
     assert "mean_gates" not in entry["sasrec"] and "mean_gates" not in entry["sasrec_text"]
@@ -155,6 +156,22 @@ def test_sampled_users_keep_whole_histories_of_a_seeded_sample():
     assert quality.sampled_users(raw, 50).interactions.equals(sample.interactions)  # seeded
     with pytest.raises(SystemExit, match="ask for fewer"):
         quality.sampled_users(raw, 10**6)
+
+
+def test_a_run_killed_part_way_resumes_from_its_last_epoch(tiny_synthetic, tmp_path):
+    """A run stopped after its first epoch (its checkpoint left behind) continues from there and ends exactly as
+    an uninterrupted run: a killed study loses at most one epoch of each run in flight."""
+    def run(epochs: int, folder: str) -> dict:
+        train = TrainParams(epochs=epochs, batch_size=32, patience=50, progress=False)
+        return quality.train_job(str(tiny_synthetic), "sasrec", quality.DEFAULT_POINT, 42, train,
+                                 str(tmp_path / folder))
+
+    whole = run(2, "whole")
+    first = run(1, "killed")
+    resumed = run(2, "killed")
+    assert len(first["curve"]) == 1 and resumed["curve"][0] == first["curve"][0]
+    assert resumed["curve"] == pytest.approx(whole["curve"]) and len(resumed["curve"]) == 2
+    np.testing.assert_array_equal(resumed["ranks"], whole["ranks"])
 
 
 def test_a_field_added_later_changes_only_the_keys_of_runs_that_read_it(tiny_synthetic, tmp_path, monkeypatch):
