@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from m2rec.evaluation.metrics import metrics_from_ranks, target_ranks
+from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets, target_ranks
 from m2rec.inference import Recommender
 from m2rec.model.cold_start import TextToId, impute_untrained_embeddings
 from m2rec.model.config import ModelParams
@@ -42,6 +42,21 @@ def test_metrics_from_ranks_by_hand():
     assert m["HR@1"] == 0.0 and m["HR@2"] == 0.5 and m["HR@5"] == 1.0
     assert m["NDCG@2"] == pytest.approx((1 / np.log2(3)) / 2)
     assert m["MRR@5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+@pytest.mark.parametrize("model_type", ["m2rec", "sasrec", "mamba4rec"])
+def test_ranks_come_back_in_user_order_whatever_the_length_batching(model_type):
+    """rank_targets batches users by history length; each user's rank is the one it gets alone (batch of one),
+    in the order the users were given, with and without masking the history."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model(model_type, 30, ModelParams(**FAST), torch.randn(31, 12))
+    histories = [rng.integers(1, 31, size=n) for n in rng.integers(1, 26, size=23)]  # some beyond max_length
+    targets = rng.integers(1, 31, size=23)
+    for mask in (False, True):
+        alone = np.concatenate([rank_targets(model, [h], targets[i : i + 1], 1, mask)
+                                for i, h in enumerate(histories)])
+        np.testing.assert_array_equal(rank_targets(model, histories, targets, 4, mask), alone)
 
 
 def trained_targets(windows) -> list[int]:

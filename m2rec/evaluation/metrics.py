@@ -47,21 +47,27 @@ def rank_targets(
     progress: bool = False,
 ) -> np.ndarray:
     """Rank every user's target among all items given their history -> (n_users,) 0-based ranks.
-    With `mask_history`, items already in the history (other than the target) cannot be ranked above it."""
+    With `mask_history`, items already in the history (other than the target) cannot be ranked above it.
+
+    Users are batched by history length, so a batch pads to about its own length, not to its longest member's:
+    on short-sequence data (Amazon reviews, about 9 items a user against a cap of 200) unsorted batches would
+    run the model over mostly padding. A user's ranks do not depend on who shares the batch."""
     model.eval()
-    ranks = []
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    ranks = np.empty(len(histories), dtype=np.int64)
     starts = range(0, len(histories), batch_size)
     for start in tqdm(starts, desc="evaluating", unit="batch", disable=None if progress else True, leave=False):
-        batch = histories[start : start + batch_size]
+        users = order[start : start + batch_size]
+        batch = [histories[u] for u in users]
         items, lengths = pad_right(batch, model.max_length)
         scores = model(items.to(device), lengths.to(device)).float()  # (B, I+1)
         scores[:, 0] = -torch.inf  # padding is never recommended
-        target = torch.as_tensor(targets[start : start + batch_size], device=device)
+        target = torch.as_tensor(np.asarray(targets)[users], device=device)
         if mask_history:
             seen = torch.zeros_like(scores, dtype=torch.bool)
             for row, history in enumerate(batch):
                 seen[row, torch.as_tensor(history, device=device)] = True
             seen[torch.arange(len(batch)), target] = False
             scores = scores.masked_fill(seen, -torch.inf)
-        ranks.append(target_ranks(scores, target).cpu().numpy())
-    return np.concatenate(ranks)
+        ranks[users] = target_ranks(scores, target).cpu().numpy()
+    return ranks
