@@ -243,13 +243,10 @@ def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainP
 
 
 def _store(path: Path, outcome: dict, job: tuple) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     variant, point, seed, *held_out = job
     described = {"variant": variant, "point": point, "seed": seed,
                  "held_out_items": len(held_out[0]) if held_out else 0}
-    tmp.write_text(json.dumps({**outcome, "job": described, "ranks": outcome["ranks"].tolist()}))
-    tmp.replace(path)
+    atomic_write_bytes(path, json.dumps({**outcome, "job": described, "ranks": outcome["ranks"].tolist()}).encode())
 
 
 def _load(path: Path) -> dict:
@@ -629,9 +626,7 @@ def save(output: Path, dataset: str, entry: dict) -> dict:
         stored = json.loads(output.read_text()) if output.exists() else {}
         results = {name: e for name, e in stored.items() if isinstance(e, dict) and "_meta" in e}  # this layout only
         results[dataset] = entry
-        tmp = output.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=float))
-        tmp.replace(output)
+        atomic_write_bytes(output, json.dumps(results, indent=2, default=float).encode())
         output.with_suffix(".md").write_text(markdown(results))
         plot_curves(results, output.with_name(output.stem + "_curves.png"))
         plot_effects(results, output.with_name(output.stem + "_effects.png"))
