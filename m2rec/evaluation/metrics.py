@@ -54,6 +54,7 @@ def rank_targets(
     run the model over mostly padding. A user's ranks do not depend on who shares the batch."""
     model.eval()
     order = np.argsort([len(h) for h in histories], kind="stable")
+    targets = np.asarray(targets)
     ranks = np.empty(len(histories), dtype=np.int64)
     starts = range(0, len(histories), batch_size)
     for start in tqdm(starts, desc="evaluating", unit="batch", disable=None if progress else True, leave=False):
@@ -62,7 +63,7 @@ def rank_targets(
         items, lengths = pad_right(batch, model.max_length)
         scores = model(items.to(device), lengths.to(device)).float()  # (B, I+1)
         scores[:, 0] = -torch.inf  # padding is never recommended
-        target = torch.as_tensor(np.asarray(targets)[users], device=device)
+        target = torch.as_tensor(targets[users], device=device)
         if mask_history:
             seen = torch.zeros_like(scores, dtype=torch.bool)
             for row, history in enumerate(batch):
