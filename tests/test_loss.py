@@ -18,32 +18,40 @@ from m2rec.training.trainer import TrainParams, item_counts
 FAST = dict(hidden_size=16, d_state=8, max_length=20)
 
 
-def test_chunked_full_loss_equals_one_pass_in_value_and_gradient():
+def test_chunked_full_loss_equals_pytorch_cross_entropy_in_value_and_gradient():
     torch.manual_seed(0)
     hidden, items = torch.randn(37, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
     targets = torch.randint(1, 11, (37,))
     untrained = torch.zeros(11, dtype=torch.bool)
     untrained[[0, 7]] = True
     targets[targets == 7] = 1
-    grads = []
-    for per_chunk in (10**6, 5 * 11):  # one pass; chunks of 5 rows
+    reference = torch.nn.functional.cross_entropy((hidden @ items.t()).masked_fill(untrained, float("-inf")), targets)
+    expected = (reference.detach(), *torch.autograd.grad(reference, (hidden, items)))
+    for per_chunk in (10**6, 5 * 11, 11):  # one pass; chunks of 5 rows; one row at a time
         value = full_cross_entropy(hidden, items, targets, untrained, logits_per_chunk=per_chunk)
-        grads.append((value.detach(), *torch.autograd.grad(value, (hidden, items))))
-    for one, chunked in zip(*grads):
-        torch.testing.assert_close(one, chunked)
-    expected = torch.nn.functional.cross_entropy((hidden @ items.t()).masked_fill(untrained, float("-inf")), targets)
-    torch.testing.assert_close(grads[0][0], expected.detach())
+        for got, want in zip((value.detach(), *torch.autograd.grad(value, (hidden, items))), expected):
+            torch.testing.assert_close(got, want)
+
+
+def test_full_loss_passes_gradcheck_in_double_precision():
+    torch.manual_seed(1)
+    hidden = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    untrained = torch.tensor([True, False, False, True, False, False])
+    targets = torch.tensor([1, 2, 4, 5, 1, 1, 2, 4, 5])
+    assert torch.autograd.gradcheck(
+        lambda h, i: full_cross_entropy(h, i, targets, untrained, logits_per_chunk=2 * 6), (hidden, items))
 
 
 def test_full_loss_never_holds_more_logits_than_its_chunk(monkeypatch):
     seen = []
-    original = loss_module._chunk_cross_entropy
+    original = loss_module._softmax_numerators
 
-    def recording(hidden, items, targets, untrained):
+    def recording(hidden, items, untrained, shift=None, out=None):
         seen.append(hidden.shape[0] * items.shape[0])
-        return original(hidden, items, targets, untrained)
+        return original(hidden, items, untrained, shift, out)
 
-    monkeypatch.setattr(loss_module, "_chunk_cross_entropy", recording)
+    monkeypatch.setattr(loss_module, "_softmax_numerators", recording)
     hidden = torch.randn(1000, 4, requires_grad=True)
     full_cross_entropy(hidden, torch.randn(300, 4), torch.randint(1, 300, (1000,)), logits_per_chunk=3000).backward()
     assert len(seen) >= 2 * 100 and max(seen) <= 3000  # forward and recomputation in backward, 10 rows at a time
