@@ -104,6 +104,7 @@ TRAIN_OVERRIDES["m2rec_single_scale_decay"] = {"weight_decay": 0.5}
 # the field. At that value, or in a model that ignores it, a field is left out of a run's key, so the stored runs
 # stay valid.
 NEWER_FIELDS = {"text_in_sequence": (False, ("m2rec",))}
+NEWER_TRAIN_FIELDS = {"batch_unit": "windows"}  # TrainParams fields added later, at what earlier runs trained with
 MAX_LENGTH = 200  # RecBole protocol
 TEXT_EMBEDDINGS = f"text_embeddings-{TextEncoderParams().model}.npy"  # in a prepared dataset's folder
 GRID = {"learning_rate": [1e-3, 3e-3], "dropout": [0.2, 0.4], "depth": [1, 2]}  # depth = layers per stack
@@ -283,7 +284,9 @@ class Study:
         model_type, params, _ = configure(job[0], job[1], MAX_LENGTH)
         described = {k: v for k, v in dataclasses.asdict(params).items()
                      if k not in NEWER_FIELDS or (v != NEWER_FIELDS[k][0] and model_type in NEWER_FIELDS[k][1])}
-        key = json.dumps([job, model_type, described, dataclasses.asdict(self.train),
+        training = {k: v for k, v in dataclasses.asdict(self.train).items()
+                    if k not in NEWER_TRAIN_FIELDS or v != NEWER_TRAIN_FIELDS[k]}
+        key = json.dumps([job, model_type, described, training,
                           self.data.stats.get("dataset_version")], sort_keys=True, default=str)
         return self.runs_dir / self.data_dir.name / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 

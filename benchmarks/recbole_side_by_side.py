@@ -1,8 +1,11 @@
 """RecBole 1.2.1's SASRec and this project's SASRec on ml-100k, side by side, at RecBole's default configuration.
 
 Both take 5-core ml-100k, leave-one-out by time, full ranking over all items (history not masked), max length 200,
-hidden 64, 2 blocks of 2 heads, CE loss, lr 1e-3, batch 512, dropout 0.5, and train on every prefix of each
-sequence (RecBole's protocol; here `train.window_stride: 1`). RecBole stops after 10 epochs without a better
+hidden 64, 2 blocks of 2 heads, CE loss, lr 1e-3, dropout 0.5, and batches of 512 (prefix, next item) pairs.
+RecBole trains every prefix of a sequence as its own example; this project trains whole windows and counts its batch
+in the targets they train (`train.batch_unit: targets`), so 512 means the same number of next items per step at
+about a hundredth of the work; `--window-stride 1` trains every prefix as RecBole does (each window then has one
+target, and every target the full history). RecBole stops after 10 epochs without a better
 validation NDCG@10; this project's run uses its own stopping rule (TrainParams). RecBole is no dependency of
 m2rec: it is installed on demand into its own venv, which borrows torch, numpy, pandas, scipy and scikit-learn
 from the running interpreter through a .pth file (so no second torch is downloaded; RecBole's `ray` extra is
@@ -10,7 +13,7 @@ skipped because only its hyperparameter search needs it).
 
     python benchmarks/recbole_side_by_side.py                      # both, seeds 42-44 (days on 2 CPU cores)
     python benchmarks/recbole_side_by_side.py --only recbole --seeds 1 --epochs 5
-    python benchmarks/recbole_side_by_side.py --only m2rec --seed 43 --seeds 1 --window-stride 50
+    python benchmarks/recbole_side_by_side.py --only m2rec --seed 43 --seeds 1 --window-stride 1
     python benchmarks/recbole_side_by_side.py --wheels DIR --device cuda   # offline: RecBole from DIR's wheels
 
 Each (side, seed) run is merged into benchmarks/results/recbole_side_by_side.json under a lock as it ends, so
@@ -36,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from m2rec.training.batching import BatchUnit
 from m2rec.utils.atomic import atomic_write_bytes, atomic_write_json
 
 ROOT = Path(__file__).resolve().parent
@@ -138,7 +142,8 @@ def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, de
     return {**result, "wall_seconds": round(time.time() - started), "settings": settings}
 
 
-def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: int, device: str) -> dict:
+def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: int | None, batch_unit: BatchUnit,
+              device: str) -> dict:
     """Train and test this project's SASRec on the same protocol through the main training stage."""
     from m2rec.data.prepare import PrepareParams
     from m2rec.data.sources import SourceSpec
@@ -156,7 +161,8 @@ def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: i
     model = ModelParams(max_length=PROTOCOL["max_length"], hidden_size=PROTOCOL["hidden_size"],
                         sasrec_layers=PROTOCOL["layers"], num_heads=PROTOCOL["heads"], dropout=PROTOCOL["dropout"])
     training = TrainParams(epochs=epochs, batch_size=PROTOCOL["batch_size"], learning_rate=PROTOCOL["learning_rate"],
-                           seed=seed, window_stride=window_stride, device=device, progress=False)
+                           batch_unit=batch_unit, seed=seed, window_stride=window_stride, device=device,
+                           progress=False)
     started = time.time()
     metrics = train(data, work / f"m2rec-sasrec-seed{seed}", "sasrec", model, training)
     return {"valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
@@ -210,7 +216,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="the first seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed + 1, ...")
     parser.add_argument("--epochs", type=int, default=300, help="epoch cap (RecBole's default: 300)")
-    parser.add_argument("--window-stride", type=int, default=1, help="this project's windows (1: every prefix)")
+    parser.add_argument("--window-stride", type=int, help="this project's windows (default: not overlapping; 1: "
+                                                          "every prefix, as RecBole, at about 100 times the work)")
+    parser.add_argument("--batch-unit", choices=("targets", "windows"), default="targets",
+                        help="what this project's batch of 512 counts (targets: RecBole's (prefix, next item) pairs)")
     parser.add_argument("--venv", type=Path, default=Path("/tmp/recbole-venv"))
     parser.add_argument("--wheels", type=Path, help="install RecBole offline from the wheels in this folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recbole-side-by-side"))
@@ -226,7 +235,8 @@ def main() -> None:
             run = run_recbole(args.dataset, args.venv, args.work, seed, args.epochs, args.device, args.wheels)
             results = merge(args.output, "recbole_sasrec", seed, run, command)
         if args.only in (None, "m2rec"):
-            run = run_m2rec(args.dataset, args.work, seed, args.epochs, args.window_stride, args.device)
+            run = run_m2rec(args.dataset, args.work, seed, args.epochs, args.window_stride, args.batch_unit,
+                            args.device)
             results = merge(args.output, "m2rec_sasrec", seed, run, command)
     print(json.dumps(results.get("summary", {}), indent=2))
 

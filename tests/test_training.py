@@ -85,6 +85,17 @@ def test_overlapping_windows_train_each_target_once_with_full_history(stride):
         assert all(w.targets == 1 and len(w.items) == min(5, w.items[-1]) for w in windows)
 
 
+def test_a_batch_counted_in_targets_holds_about_that_many_and_every_window_once():
+    rng = np.random.default_rng(1)
+    windows = training_windows([np.arange(1, n + 1) for n in rng.integers(2, 300, size=200)], max_length=50)
+    batches = list(epoch_batches(windows, batch_size=64, seed=0, unit="targets"))
+    trained = [int((targets > 0).sum()) for _, targets in batches]
+    assert sum(trained) == sum(w.targets for w in windows)  # every target once
+    assert sum(len(inputs) for inputs, _ in batches) == len(windows)
+    assert max(trained) < 64 + 50 and np.mean(trained) > 64 * 0.8  # a batch ends with the window that reaches 64
+    assert len(batches) > len(list(epoch_batches(windows, batch_size=64, seed=0))) * 10  # windows hold ~25 targets
+
+
 def test_length_buckets_cut_padding_and_keep_every_window_once():
     rng = np.random.default_rng(0)
     windows = training_windows([np.arange(1, n + 1) for n in rng.integers(2, 51, size=1000)], max_length=60)

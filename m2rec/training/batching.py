@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -43,11 +43,18 @@ def training_windows(sequences: Sequence[np.ndarray], max_length: int, stride: i
     return windows
 
 
+BatchUnit = Literal["windows", "targets"]
+
+
 def epoch_batches(windows: list[Window], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                  bucket: int = 50) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  bucket: int = 50, unit: BatchUnit = "windows") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled (inputs (B, L), targets (B, L)) batches of windows of similar length; each rank of a
     data-parallel run gets its share of an equal number of batches. Target 0 marks padding and the history
     positions of a window that are not its targets.
+
+    `batch_size` counts windows, or with unit `targets` the trained targets (next items) a batch holds, about:
+    RecBole's batch of 512 (prefix, next item) pairs is 512 targets: on ml-100k about 5 windows, where 512
+    windows hold about 50,000 targets and an epoch is 3 steps.
 
     Windows are shuffled, cut into chunks of `bucket` batches, sorted by length inside each chunk and batched,
     and the batch order is shuffled: each batch pads to little more than its own length (on short-sequence
@@ -56,11 +63,14 @@ def epoch_batches(windows: list[Window], batch_size: int, seed: int, rank: int =
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(windows), generator=generator).numpy()
     lengths = np.array([len(w.items) for w in windows])
-    chunk = batch_size * bucket
+    units = np.array([w.targets for w in windows]) if unit == "targets" else np.ones(len(windows), dtype=np.int64)
+    per_batch = batch_size / units.mean() if len(units) else batch_size  # windows a batch holds, about
+    chunk = max(1, round(per_batch)) * bucket
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
         order[start : start + chunk] = part[np.argsort(lengths[part], kind="stable")]
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batch_of = (np.cumsum(units[order]) - 1) // batch_size  # (W,) a window joins the batch its units end in
+    batches = np.split(order, np.flatnonzero(np.diff(batch_of)) + 1) if len(order) else []
     batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     batches = batches[: len(batches) - len(batches) % world_size] if world_size > 1 else batches
     for indices in batches[rank::world_size]:

@@ -24,7 +24,7 @@ from m2rec.evaluation.metrics import metrics_from_ranks, rank_targets
 from m2rec.model.base import SequentialRecommender
 from m2rec.model.cold_start import impute_untrained_embeddings
 from m2rec.model.files import CHECKPOINT_FILE
-from m2rec.training.batching import Window, epoch_batches, training_windows
+from m2rec.training.batching import BatchUnit, Window, epoch_batches, training_windows
 from m2rec.training.loss import LossKind, NextItemLoss
 from m2rec.training.stopping import should_stop
 from m2rec.utils.atomic import atomic_write_bytes
@@ -39,6 +39,9 @@ class TrainParams:
 
     epochs: Annotated[int, Ge(1)] = 50
     batch_size: Annotated[int, Ge(1)] = 256
+    # What batch_size counts: training windows, or the targets (next items) they train, as RecBole counts its
+    # (prefix, next item) pairs; a window of a long sequence trains up to max_length targets.
+    batch_unit: BatchUnit = "windows"
     learning_rate: Annotated[float, Gt(0.0)] = 1e-3
     weight_decay: Annotated[float, Ge(0.0)] = 0.0
     # Early stopping (m2rec.training.stopping): stop once an exponential moving average of validation NDCG@10
@@ -230,8 +233,9 @@ def _train_epoch(run: TrainingRun, state: TrainingState, params: TrainParams) ->
     run.loss_module.train()
     losses = []
     shuffle_seed = int(np.random.randint(0, 2**31 - 1))  # from the seeded (and checkpointed) numpy generator
-    batches = epoch_batches(run.windows, params.batch_size, shuffle_seed, run.rank, run.world)
-    total = (len(run.windows) + params.batch_size - 1) // params.batch_size // run.world
+    batches = epoch_batches(run.windows, params.batch_size, shuffle_seed, run.rank, run.world, unit=params.batch_unit)
+    units = sum(w.targets for w in run.windows) if params.batch_unit == "targets" else len(run.windows)
+    total = (units + params.batch_size - 1) // params.batch_size // run.world  # at most; for the progress bar
     for inputs, targets in tqdm(batches, total=total, desc=f"epoch {state.epoch + 1}/{params.epochs}", unit="batch",
                                 disable=None if params.progress and run.rank == 0 else True, leave=False):
         with run.autocast:
