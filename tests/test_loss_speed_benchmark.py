@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("loss_speed", Path(__file__).parents[1] / "benchmarks" / "loss_speed.py")
+BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "loss_speed.py"
+spec = importlib.util.spec_from_file_location("loss_speed", BENCHMARK)
 loss_speed = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(loss_speed)
 

@@ -26,10 +26,11 @@ LOGITS_PER_CHUNK = 16 * 2**20  # float32 logits held at once by the full loss (6
 def _softmax_numerators(hidden: torch.Tensor, items: torch.Tensor, untrained: torch.Tensor | None,
                         shift: torch.Tensor | None = None, out: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(logits - shift) of one chunk, hidden (n, H) against items (I+1, H) -> (n, I+1) float32, computed in
-    place of the logits (float64 stays float64), and the shift (n,): each row's largest logit unless given (the log-sum-exp in the
-    backward pass, which makes the result the softmax). Untrained items get exp(-inf) = 0. `out` (>= n, I+1): a
-    buffer the logits are written to instead of a new block (not under autocast, which has no `out=`)."""
+    """exp(logits - shift) of one chunk, hidden (n, H) against items (I+1, H) -> (n, I+1) float32 (float64 stays
+    float64), computed in place of the logits, and the shift (n,): each row's largest logit unless given (the
+    log-sum-exp in the backward pass, which makes the result the softmax). Untrained items get exp(-inf) = 0.
+    `out` (>= n, I+1): a buffer the logits are written to instead of a new block (not under autocast, which has
+    no `out=`)."""
     logits = hidden @ items.t() if out is None else torch.matmul(hidden, items.t(), out=out[: len(hidden)])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if untrained is not None:
