@@ -1,6 +1,6 @@
 # Two entry points, both of which create (or reuse) the virtual environment in .venv:
 #   make run    the main job: the whole pipeline, locally, on the embedded synthetic dataset
-#   make test   the whole test suite
+#   make test   the whole test suite, one test file at a time on each of two workers, end-to-end files first
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
@@ -19,4 +19,4 @@ run: $(STAMP)
 	$(VENV)/bin/m2rec run
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder

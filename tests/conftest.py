@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +18,27 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("M2REC_DATASETS", REPO.parent / "shared" / "datasets"))
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script benchmarks/NAME.py as the module NAME, registered in sys.modules (pickling for worker processes
+    and dataclasses look it up there); the scripts import one another, so their folder goes on sys.path."""
+    if name not in sys.modules:
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with end-to-end (`slow`) tests first: `make test` hands whole files to two workers in this order
+    (`--dist loadfile --no-loadscope-reorder`), so the minutes-long scenarios start at once, not last."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order otherwise
 
 
 def dataset_path(name: str) -> Path:

@@ -3,10 +3,6 @@ model as it was, and the pooled report counts cold and warm users together."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,11 +11,9 @@ from m2rec.data.prepared import PreparedDataset
 from m2rec.model.config import ModelParams
 from m2rec.model.factory import build_model
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # cold_start_rules imports quality, a script beside it
-spec = importlib.util.spec_from_file_location("cold_start_rules", BENCHMARKS / "cold_start_rules.py")
-rules = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(rules)
+from conftest import load_benchmark
+
+rules = load_benchmark("cold_start_rules")
 
 
 def test_every_rule_places_one_embedding_per_untrained_item():

@@ -63,6 +63,7 @@ def test_dvc_is_initialised_without_analytics_and_with_a_default_local_remote():
     assert (REPO / ".dvcignore").is_file()
 
 
+@pytest.mark.slow
 def test_dvc_repro_then_an_experiment_with_one_hyperparameter_changed(clone):
     run("dvc", "repro", cwd=clone)
     metrics = json.loads((clone / OUT / "metrics.json").read_text())

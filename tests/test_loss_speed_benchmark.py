@@ -3,16 +3,13 @@ per step than PyTorch's cross-entropy under checkpointing, which is where the CP
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "loss_speed.py"
-spec = importlib.util.spec_from_file_location("loss_speed", BENCHMARK)
-loss_speed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(loss_speed)
+from conftest import load_benchmark
+
+loss_speed = load_benchmark("loss_speed")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the trainer's allocator setting is glibc's")

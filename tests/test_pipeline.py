@@ -121,6 +121,7 @@ def test_compiled_pipeline_requests_a_gpu_for_training_and_gates_registration(tm
     assert "accelerator" not in cpu_only["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
 
 
+@pytest.mark.slow
 def test_local_run_end_to_end_registers_and_packages_then_a_failed_gate_registers_nothing(tmp_path):
     interactions, items = write_raw_table(tmp_path / "raw")
     workdir = tmp_path / "work"

@@ -3,22 +3,18 @@ study that runs end to end, writes its report and resumes from the runs it store
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from m2rec.training.trainer import TrainParams
 
-spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
-quality = importlib.util.module_from_spec(spec)
-sys.modules["quality"] = quality
-spec.loader.exec_module(quality)
+from conftest import load_benchmark
+
+quality = load_benchmark("quality")
 
 
 def test_half_grid_balances_every_factor_and_pair():

@@ -3,19 +3,15 @@ losing a run, and the summary says whether this project's SASRec lies within Rec
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
-import sys
 from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location(
-    "recbole_side_by_side", Path(__file__).parents[1] / "benchmarks" / "recbole_side_by_side.py")
-side_by_side = importlib.util.module_from_spec(spec)
-sys.modules["recbole_side_by_side"] = side_by_side
-spec.loader.exec_module(side_by_side)
+from conftest import load_benchmark
+
+side_by_side = load_benchmark("recbole_side_by_side")
 
 
 def _run(hr: float, ndcg: float, recbole: bool) -> dict:

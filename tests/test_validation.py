@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pandas as pd
@@ -175,6 +176,17 @@ def test_cli_exits_with_status_2_on_a_failing_batch(tables, tiny_synthetic, tmp_
     assert stopped.value.code == 2
     assert "items: text is not empty" in capsys.readouterr().err
     assert (data / "validation" / "report.md").exists()
+
+
+def test_a_failing_batch_fails_a_script_without_a_main_file(tables, tiny_synthetic, tmp_path):
+    """`python -c` (no `__main__.__file__`, as under pytest-xdist or an embedded interpreter) must not exit 0
+    before validating: pyspark without its connect extra calls sys.exit(0) when Great Expectations imports it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, data)
+    set_cell(tables.items, "text", " ").to_parquet(data / "items.parquet", index=False)
+    script = f"from m2rec.stages.validate import validate; validate({str(data)!r})"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "ValidationFailed" in done.stderr, done.stderr[-2000:]
 
 
 def test_ml100k_passes(ml100k_dir, tmp_path):
