@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -164,12 +165,19 @@ def test_failing_batch_raises_after_writing_the_report(tables, tiny_synthetic, t
     assert "## FAILED interactions: item_idx >= 1 (0 is padding)" in report and "| 4 | " in report  # example row
 
 
-def test_cli_exits_with_status_2_on_a_failing_batch(tables, tiny_synthetic, tmp_path, monkeypatch, capsys):
-    from m2rec.cli import main
-
+@pytest.fixture
+def blank_text_batch(tables, tiny_synthetic, tmp_path) -> Path:
+    """A copy of the tiny dataset whose first item has a blank text: a batch validation must refuse."""
     data = tmp_path / "data"
     shutil.copytree(tiny_synthetic, data)
     set_cell(tables.items, "text", " ").to_parquet(data / "items.parquet", index=False)
+    return data
+
+
+def test_cli_exits_with_status_2_on_a_failing_batch(blank_text_batch, monkeypatch, capsys):
+    from m2rec.cli import main
+
+    data = blank_text_batch
     monkeypatch.setattr(sys, "argv", ["m2rec", "data", "validate", "--input", str(data)])
     with pytest.raises(SystemExit) as stopped:
         main()
@@ -178,13 +186,10 @@ def test_cli_exits_with_status_2_on_a_failing_batch(tables, tiny_synthetic, tmp_
     assert (data / "validation" / "report.md").exists()
 
 
-def test_a_failing_batch_fails_a_script_without_a_main_file(tables, tiny_synthetic, tmp_path):
+def test_a_failing_batch_fails_a_script_without_a_main_file(blank_text_batch):
     """`python -c` (no `__main__.__file__`, as under pytest-xdist or an embedded interpreter) must not exit 0
     before validating: pyspark without its connect extra calls sys.exit(0) when Great Expectations imports it."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_synthetic, data)
-    set_cell(tables.items, "text", " ").to_parquet(data / "items.parquet", index=False)
-    script = f"from m2rec.stages.validate import validate; validate({str(data)!r})"
+    script = f"from m2rec.stages.validate import validate; validate({str(blank_text_batch)!r})"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "ValidationFailed" in done.stderr, done.stderr[-2000:]
 
