@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -57,20 +58,24 @@ def split_fields(
     return rows, line_numbers
 
 
+def _refuse_first_bad_line(
+    bad: np.ndarray, describe: Callable[[int], str], line_numbers: np.ndarray | list[int], path: Path
+) -> None:
+    """Raise a DataError for the first row flagged in `bad` (bool array), with `describe(row)` and its line number."""
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        first = int(rows[0])
+        raise DataError(describe(first), "repair or delete that line", path=str(path), line=int(line_numbers[first]))
+
+
 def numeric_column(
     values: pd.Series, line_numbers: np.ndarray | list[int], path: Path, column: str
 ) -> pd.Series:
     """Parse `values` as numbers; the first unparseable one is reported with its line number."""
     parsed = pd.to_numeric(values, errors="coerce")
-    bad = np.flatnonzero(parsed.isna().to_numpy())
-    if len(bad):
-        first = int(bad[0])
-        raise DataError(
-            f"column {column!r} must be numeric, found {values.iloc[first]!r}",
-            "repair or delete that line",
-            path=str(path),
-            line=int(line_numbers[first]),
-        )
+    _refuse_first_bad_line(parsed.isna().to_numpy(),
+                           lambda row: f"column {column!r} must be numeric, found {values.iloc[row]!r}",
+                           line_numbers, path)
     return parsed
 
 
@@ -79,15 +84,10 @@ def unix_seconds_to_utc(
 ) -> pd.Series:
     """Turn unix seconds (numbers or digit strings) into UTC datetimes, rejecting negatives with a line number."""
     seconds = numeric_column(values, line_numbers, path, column)
-    negative = np.flatnonzero((seconds < 0).to_numpy())
-    if len(negative):
-        first = int(negative[0])
-        raise DataError(
-            f"column {column!r} must be a non-negative unix time in seconds, found {seconds.iloc[first]}",
-            "repair or delete that line",
-            path=str(path),
-            line=int(line_numbers[first]),
-        )
+    _refuse_first_bad_line((seconds < 0).to_numpy(),
+                           lambda row: f"column {column!r} must be a non-negative unix time in seconds, "
+                                       f"found {seconds.iloc[row]}",
+                           line_numbers, path)
     return pd.to_datetime(seconds.astype("float64"), unit="s", utc=True).reset_index(drop=True)
 
 
