@@ -6,10 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -102,20 +100,6 @@ def test_concurrent_processes_and_threads_lose_nothing_and_apply_each_event_once
     assert len(stored) == workers * count + 40 == stored["event_id"].nunique()
     assert set(stored["seq"]) == {s for chunk in seqs for s in chunk} | set(more)
     assert stored["seq"].is_unique and stored["seq"].is_monotonic_increasing
-
-
-def test_a_log_opened_while_another_process_writes_a_new_file_waits_instead_of_failing(tmp_path):
-    """Switching a new SQLite file to WAL meets "database is locked" at once, without the busy wait, while another
-    connection holds the write lock (two writers starting together): opening the log waits for it instead."""
-    path = tmp_path / "events.db"
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # another writer, rollback mode
-    other.execute("CREATE TABLE other_writer (x)")
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("INSERT INTO other_writer VALUES (1)")
-    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
-    log = EventLog(f"sqlite:///{path}")  # raised sqlite3.OperationalError: database is locked
-    assert log.append([event(1, event_id="e1")])[0].event.seq == 1
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_retries_are_idempotent_and_a_reused_event_id_is_refused(log_url):

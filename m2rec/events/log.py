@@ -21,7 +21,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from m2rec.errors import DataError, ExternalServiceError
+from m2rec.utils.sqlite_wal import connect_wal
 
 log = logging.getLogger(__name__)
 
@@ -335,24 +335,8 @@ class _SQLite(_Backend):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_S, isolation_level=None)
-        self._enter_wal(connection)
-        connection.execute("PRAGMA synchronous=FULL")  # a commit reaches the disk before append returns
-        return connection
-
-    def _enter_wal(self, connection: sqlite3.Connection) -> None:
-        """Switch the file to WAL, waiting for other writers: on a file not yet in WAL mode, SQLite answers "database
-        is locked" at once, without its busy wait, while another connection holds the write lock (two processes
-        opening a new log together), so the switch is retried until the busy timeout."""
-        deadline = time.monotonic() + self.BUSY_TIMEOUT_S
-        while True:
-            try:
-                connection.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        # FULL: a commit reaches the disk before append returns
+        return connect_wal(self.path, "FULL", self.BUSY_TIMEOUT_S)
 
     @contextmanager
     def transaction(self, lock_users: Sequence[str] = (), quiesce: bool = False, schema: bool = False

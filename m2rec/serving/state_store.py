@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from m2rec.model.base import RecurrentState
+from m2rec.utils.sqlite_wal import connect_wal
 
 StatePrecision = Literal["float32", "float16"]  # how stored states are encoded (serving.state_precision)
 
@@ -92,9 +93,7 @@ class SQLiteStateStore(StateStore):
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None or self._local.pid != os.getpid():
-            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")  # a state lost in a crash is rebuilt from the log
+            connection = connect_wal(self.path, "NORMAL")  # a state lost in a crash is rebuilt from the log
             self._local.connection, self._local.pid = connection, os.getpid()
         return connection
 
