@@ -327,7 +327,6 @@ class _SQLite(_Backend):
     serializes writers across threads and processes and makes seq follow commit order."""
 
     serial = "INTEGER"  # an INTEGER PRIMARY KEY is the rowid: assigned under the write lock
-    BUSY_TIMEOUT_S = 30.0
 
     def __init__(self, path: Path):
         super().__init__()
@@ -335,8 +334,7 @@ class _SQLite(_Backend):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> sqlite3.Connection:
-        # FULL: a commit reaches the disk before append returns
-        return connect_wal(self.path, "FULL", self.BUSY_TIMEOUT_S)
+        return connect_wal(self.path, "FULL")  # FULL: a commit reaches the disk before append returns
 
     @contextmanager
     def transaction(self, lock_users: Sequence[str] = (), quiesce: bool = False, schema: bool = False
