@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
@@ -139,6 +144,46 @@ def test_sqlite_store_drops_retired_versions_states(tmp_path):
 
 def test_sqlite_state_store(tmp_path):
     check_store(SQLiteStateStore(tmp_path / "states.db"))
+
+
+STATE_WRITER = """
+import os, sys, time
+from m2rec.serving.state_store import SQLiteStateStore
+path, name, start, count, acks, go = sys.argv[1:3] + [int(a) for a in sys.argv[3:5]] + sys.argv[5:7]
+while not os.path.exists(go):  # every writer opens the new file at the same moment
+    time.sleep(0.001)
+store = SQLiteStateStore(path)
+with open(acks, "a") as out:
+    for i in range(start, start + count):
+        store.put_many("v1", {f"{name}-{i}": f"state {name}-{i}".encode()})
+        out.write(f"{name}-{i}\\n"); out.flush(); os.fsync(out.fileno())  # the worker saw the write return
+"""
+
+
+def test_sqlite_states_written_by_workers_that_start_together_and_one_restarted_are_all_kept(tmp_path):
+    """Three worker processes open a new state store at the same moment and write, one is SIGKILLed mid-stream and
+    restarted: every write that returned is stored with its value (tests/test_sqlite_wal.py pins the open race)."""
+    path, go = tmp_path / "states.db", tmp_path / "go"
+    acks = {name: tmp_path / f"{name}.acks" for name in ("a", "b", "c")}
+    command = [sys.executable, "-c", STATE_WRITER, str(path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    steady = [subprocess.Popen([*command, name, "0", "200", str(acks[name]), str(go)], env=env) for name in "bc"]
+    victim = subprocess.Popen([*command, "a", "0", "100000", str(acks["a"]), str(go)], env=env)
+    go.touch()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not acks["a"].exists() or len(acks["a"].read_text().split()) < 50):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # mid-stream: possibly inside a write
+    victim.wait()
+    acked = acks["a"].read_text().split()
+    assert len(acked) >= 50
+    resume = max(int(user.split("-")[1]) for user in acked) + 1
+    restarted = subprocess.Popen([*command, "a", str(resume), "100", str(acks["a"]), str(go)], env=env)
+    assert restarted.wait(120) == 0 and all(writer.wait(120) == 0 for writer in steady)
+    acknowledged = [user for name in "abc" for user in acks[name].read_text().split()]
+    assert len(acknowledged) == len(set(acknowledged)) >= 50 + 100 + 2 * 200
+    stored = SQLiteStateStore(path).get_many("v1", acknowledged)
+    assert stored == {user: f"state {user}".encode() for user in acknowledged}  # every returned write is kept
 
 
 def test_redis_state_store():
