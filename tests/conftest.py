@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +35,20 @@ def load_benchmark(name: str) -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def kill_after_acks(writer: subprocess.Popen, acks: Path, count: int = 50) -> tuple[list[str], int]:
+    """SIGKILL a writer process once its acknowledgement file (one `name-index` line per write that returned) holds
+    `count` lines: mid-stream, possibly inside a transaction. Returns the acknowledged lines and the index a
+    restarted writer resumes from (one past the last acknowledged)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not acks.exists() or len(acks.read_text().split()) < count):
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    acked = acks.read_text().split()
+    assert len(acked) >= count
+    return acked, max(int(line.split("-")[1]) for line in acked) + 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
+from conftest import kill_after_acks
 
 from m2rec.data.errors import DataError
 from m2rec.data.schema import RawDataset
@@ -62,14 +61,7 @@ def test_every_acknowledged_write_survives_a_killed_writer_and_its_restart(log_u
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     steady = subprocess.Popen([*command, "b", "0", "300", str(acks["b"])], env=env)
     victim = subprocess.Popen([*command, "a", "0", "100000", str(acks["a"])], env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not acks["a"].exists() or len(acks["a"].read_text().split()) < 50):
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # mid-stream: possibly inside a transaction
-    victim.wait()
-    acked = acks["a"].read_text().split()
-    assert len(acked) >= 50
-    resume = max(int(i.split("-")[1]) for i in acked) + 1  # the client retries what it saw no reply for
+    acked, resume = kill_after_acks(victim, acks["a"])  # the client retries what it saw no reply for
     restarted = subprocess.Popen([*command, "a", str(resume), "100", str(acks["a"])], env=env)
     assert restarted.wait(120) == 0 and steady.wait(120) == 0
     log = EventLog(log_url)

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 import torch
-from conftest import REDIS_HOST, REDIS_PORT, redis_reachable
+from conftest import REDIS_HOST, REDIS_PORT, kill_after_acks, redis_reachable
 
 from m2rec.model.config import PAPER_DESIGN, ModelParams
 from m2rec.model.factory import build_model
@@ -170,14 +168,7 @@ def test_sqlite_states_written_by_workers_that_start_together_and_one_restarted_
     steady = [subprocess.Popen([*command, name, "0", "200", str(acks[name]), str(go)], env=env) for name in "bc"]
     victim = subprocess.Popen([*command, "a", "0", "100000", str(acks["a"]), str(go)], env=env)
     go.touch()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not acks["a"].exists() or len(acks["a"].read_text().split()) < 50):
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # mid-stream: possibly inside a write
-    victim.wait()
-    acked = acks["a"].read_text().split()
-    assert len(acked) >= 50
-    resume = max(int(user.split("-")[1]) for user in acked) + 1
+    _, resume = kill_after_acks(victim, acks["a"])
     restarted = subprocess.Popen([*command, "a", str(resume), "100", str(acks["a"]), str(go)], env=env)
     assert restarted.wait(120) == 0 and all(writer.wait(120) == 0 for writer in steady)
     acknowledged = [user for name in "abc" for user in acks[name].read_text().split()]
