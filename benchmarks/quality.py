@@ -45,7 +45,8 @@ from m2rec.stages.prepare import prepare
 from m2rec.stages.train import evaluate_split, fit, text_matrix
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
 from m2rec.training.batching import pad_right
-from m2rec.training.trainer import TrainParams
+from m2rec.model.cold_start import impute_untrained_embeddings
+from m2rec.training.trainer import TrainParams, item_counts
 from m2rec.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger("quality")
@@ -78,13 +79,16 @@ BASELINES = ("sasrec", "mamba4rec")  # the baselines without text
 # The models compared, each tuned on the grid with the same budget; every other variant is an ablation or candidate
 # and takes the point of the model it changes (`ablated`).
 COMPARED = ("m2rec", "m2rec_default", "sasrec", "sasrec_text", *BASELINES)
-# The study measures every model as trained (`train.impute_untrained` off). Cold start trains the shipped default
+# The study measures every model as trained (`train.impute_untrained` off). Cold start measures the shipped default
 # twice, as trained and as shipped, with the ID embeddings of untrained items placed by their text after training
 # (m2rec.model.cold_start.TextToId; runs before December 6 named `m2rec_default_imputed` used equal weights and
 # ridge 0.01), beside the text-aware and a text-free baseline, at the default's chosen grid point.
 COLD_START_VARIANTS = {"m2rec_default_placed": ("m2rec", {})}
 # Variants that differ from their model in how it is trained, not in the model: TrainParams overrides.
 TRAIN_OVERRIDES = {"m2rec_default_placed": {"impute_untrained": True}}  # untrained items' IDs from their text
+# The placement acts after training, so a placed variant is read from its model's run when both are to be trained
+# (one run, evaluated before and after placing), and trains on its own only when that run is stored already.
+PLACED_FROM = {"m2rec_default_placed": "m2rec_default"}
 COLD_START_MODELS = ("m2rec_default", *COLD_START_VARIANTS, "sasrec_text", "sasrec")
 # The paired tests: the paper's design against every other model, and the shipped default against the baselines
 # (sasrec_text: what M2Rec gives beyond the text) and against the paper's design.
@@ -214,10 +218,12 @@ def item_mask(num_items: int, items) -> np.ndarray:
 
 
 def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainParams, checkpoint_dir: str,
-              held_out: tuple[int, ...] = ()) -> dict:
-    """Train one model with one seed (without the `held_out` items, for cold start) and return its validation
-    metrics, per-user test ranks, best epoch, time, validation curve and (M2Rec) mean gate weights. Runs in the
-    calling process or in a worker of the pool; a run killed part-way continues from its last epoch in
+              held_out: tuple[int, ...] = (), also_placed: bool = False) -> list[dict]:
+    """Train one model with one seed (without the `held_out` items, for cold start) and return its outcome:
+    validation metrics, per-user test ranks, best epoch, time, validation curve and (M2Rec) mean gate weights. With
+    `also_placed`, a second outcome follows: the same model after its untrained items were placed by their text
+    (what `train.impute_untrained` does at the end of training), so a placed variant needs no run of its own. Runs
+    in the calling process or in a worker of the pool; a run killed part-way continues from its last epoch in
     `checkpoint_dir` (the trainer's exact resume) and ends as an uninterrupted run would."""
     data = _dataset(data_dir)
     model_type, params, train_overrides = configure(variant, point, MAX_LENGTH)
@@ -225,15 +231,26 @@ def train_job(data_dir: str, variant: str, point: dict, seed: int, train: TrainP
     if text_key not in _LOADED:
         _LOADED[text_key] = text_matrix(data, model_type, params, TextEncoderParams(),
                                         dataset_text_embeddings(data_dir) if uses_text(model_type, params) else None)
-    sequences = None
+    sequences = data.train_sequences()
     if held_out:
         mask = item_mask(data.num_items, held_out)
-        sequences = [s[~mask[s]] for s in data.train_sequences()]
+        sequences = [s[~mask[s]] for s in sequences]
     model, result = fit(data, model_type, params, dataclasses.replace(train, seed=seed, **train_overrides),
                         checkpoint_dir, _LOADED[text_key], resume=True, train_sequences=sequences)
+    outcomes = [_outcome(model, data, model_type, result, seed, variant, point, held_out)]
+    if also_placed:
+        placed = impute_untrained_embeddings(model, item_counts(sequences, data.num_items))
+        log.info("%s seed %d: %d untrained items placed by their text", variant, seed, placed)
+        outcomes.append(_outcome(model, data, model_type, result, seed, f"{variant} placed", point, held_out))
+    return outcomes
+
+
+def _outcome(model, data: PreparedDataset, model_type: str, result, seed: int, label: str, point: dict,
+             held_out: tuple[int, ...]) -> dict:
+    """One trained model's evaluation: what `train_job` returns for it."""
     valid, _ = evaluate_split(model, data, "valid")
     test, ranks = evaluate_split(model, data, "test")
-    log.info("%s %s seed %d%s: valid NDCG@10 %.4f, test HR@10 %.4f NDCG@10 %.4f", variant, point, seed,
+    log.info("%s %s seed %d%s: valid NDCG@10 %.4f, test HR@10 %.4f NDCG@10 %.4f", label, point, seed,
              " (cold start)" if held_out else "", valid["NDCG@10"], test["HR@10"], test["NDCG@10"])
     device = next(model.parameters()).device
     return {"valid": valid, "test": test, "ranks": ranks, "best_epoch": result.best_epoch,
@@ -302,24 +319,38 @@ class Study:
             return [_load(path) if path not in todo else None for path in stored]
         if todo:
             log.info("%s: %d of %d runs to train", self.data_dir.name, len(todo), len(jobs))
+        riders = self._placed_riders(todo)
         calls = {path: (str(self.data_dir), *job[:3], self.train, str(self._checkpoints(path)), *job[3:])
-                 for path, job in todo.items()}
+                 for path, job in todo.items() if path not in riders.values()}
         if self.pool is None:
             for path, call in calls.items():
-                self._finish(path, train_job(*call), todo[path])
+                self._finish(path, train_job(*call, also_placed=path in riders), todo, riders)
         else:
-            futures = {self.pool.submit(train_job, *call): path for path, call in calls.items()}
+            futures = {self.pool.submit(train_job, *call, also_placed=path in riders): path
+                       for path, call in calls.items()}
             for future in concurrent.futures.as_completed(futures):
-                self._finish(futures[future], future.result(), todo[futures[future]])
+                self._finish(futures[future], future.result(), todo, riders)
         return [_load(path) for path in stored]
+
+    @staticmethod
+    def _placed_riders(todo: dict[Path, tuple]) -> dict[Path, Path]:
+        """Runs to train -> the placed variant read from each (`PLACED_FROM`), where both are to be trained."""
+        riders = {}
+        for path, job in todo.items():
+            if job[0] in PLACED_FROM:
+                base = (PLACED_FROM[job[0]], *job[1:])
+                riders.update({other: path for other, queued in todo.items() if queued == base})
+        return riders
 
     def _checkpoints(self, stored: Path) -> Path:
         """The folder of a run's epoch checkpoints until it is stored (ignored by git: local to this machine)."""
         return self.checkpoints_dir / stored.parent.name / stored.stem
 
-    def _finish(self, stored: Path, outcome: dict, job: tuple) -> None:
-        _store(stored, outcome, job)
-        shutil.rmtree(self._checkpoints(stored), ignore_errors=True)
+    def _finish(self, stored: Path, outcomes: list[dict], todo: dict[Path, tuple], riders: dict[Path, Path]) -> None:
+        """Store a finished run (and the placed variant read from it) and drop its epoch checkpoints."""
+        for path, outcome in zip((stored, riders.get(stored)), outcomes):
+            _store(path, outcome, todo[path])
+            shutil.rmtree(self._checkpoints(path), ignore_errors=True)
 
     def choose(self, variants: list[str], grid: list[dict]) -> dict[str, dict]:
         """Each variant's grid point with the best validation NDCG@10 at the first seed (the same budget for

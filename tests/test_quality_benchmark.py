@@ -54,7 +54,16 @@ def test_study_runs_end_to_end_and_resumes_from_stored_runs(tiny_synthetic, tmp_
     models = ["m2rec", "m2rec_default", "sasrec", "sasrec_text", "mamba4rec", "m2rec_no_fft", "m2rec_default_no_gate"]
     train = TrainParams(epochs=1, batch_size=32, progress=False)
     study = quality.Study(tiny_synthetic, train, runs_dir=tmp_path / "runs", checkpoints_dir=tmp_path / "ckpt")
+    trained, train_job = [], quality.train_job
+
+    def counted(*args, **kwargs) -> list[dict]:  # which variants train a run of their own
+        trained.append(args[1])
+        return train_job(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "train_job", counted)
     entry = quality.study_dataset(study, models, quality.grid_points("none"), seeds=2, with_cold_start=True)
+    assert "m2rec_default_placed" not in trained  # read from the cold-start run of m2rec_default
+    assert len(trained) == 2 * len(models) + len(quality.COLD_START_MODELS) - 1
     assert set(entry) == {*models, "_meta"}
     assert not any((tmp_path / "ckpt").rglob("*.pt"))  # a stored run leaves no checkpoint behind
     assert entry["m2rec"]["seeds"] == [42, 43] and len(entry["m2rec"]["best_epochs"]) == 2
@@ -160,7 +169,7 @@ def test_a_run_killed_part_way_resumes_from_its_last_epoch(tiny_synthetic, tmp_p
     def run(epochs: int, folder: str) -> dict:
         train = TrainParams(epochs=epochs, batch_size=32, patience=50, progress=False)
         return quality.train_job(str(tiny_synthetic), "sasrec", quality.DEFAULT_POINT, 42, train,
-                                 str(tmp_path / folder))
+                                 str(tmp_path / folder))[0]
 
     whole = run(2, "whole")
     first = run(1, "killed")
@@ -168,6 +177,22 @@ def test_a_run_killed_part_way_resumes_from_its_last_epoch(tiny_synthetic, tmp_p
     assert len(first["curve"]) == 1 and resumed["curve"][0] == first["curve"][0]
     assert resumed["curve"] == pytest.approx(whole["curve"]) and len(resumed["curve"]) == 2
     np.testing.assert_array_equal(resumed["ranks"], whole["ranks"])
+
+
+def test_a_placed_variant_read_from_its_models_run_equals_one_trained_on_its_own(tiny_synthetic, tmp_path):
+    """Placing untrained items by their text acts after training, so the cold-start study reads the placed default
+    from the default's own run (one run fewer): what it reads equals a placed run trained on its own, and differs
+    from the model as trained where the held-out items are the targets."""
+    train = TrainParams(epochs=2, batch_size=32, patience=50, impute_untrained=False, progress=False)
+    data = quality._dataset(str(tiny_synthetic))
+    held_out = tuple(quality.held_out_items(data, 42).tolist())
+    as_trained, read = quality.train_job(str(tiny_synthetic), "m2rec_default", quality.DEFAULT_POINT, 42, train,
+                                         str(tmp_path / "base"), held_out, also_placed=True)
+    [alone] = quality.train_job(str(tiny_synthetic), "m2rec_default_placed", quality.DEFAULT_POINT, 42, train,
+                                str(tmp_path / "placed"), held_out)
+    np.testing.assert_array_equal(read["ranks"], alone["ranks"])
+    cold = quality.item_mask(data.num_items, held_out)[data.histories("test")[1]]
+    assert cold.any() and not np.array_equal(read["ranks"][cold], as_trained["ranks"][cold])
 
 
 def test_a_field_added_later_changes_only_the_keys_of_runs_that_read_it(tiny_synthetic, tmp_path, monkeypatch):
