@@ -30,6 +30,8 @@ import os
 import platform
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +277,15 @@ def _load(path: Path) -> dict:
 def _init_worker(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 2.0) -> None:
+    """End this pool worker once the study that started it is gone (killed, say): otherwise it trains its run on
+    for up to an hour, reparented, writing the same checkpoint as the resumed study's run of that job."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 @dataclasses.dataclass

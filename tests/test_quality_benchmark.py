@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 
 from m2rec.training.trainer import TrainParams
 
-from conftest import load_benchmark
+from conftest import BENCHMARKS, load_benchmark
 
 quality = load_benchmark("quality")
 
@@ -230,3 +236,37 @@ def test_a_study_without_paired_tests_draws_no_effects_plot(tmp_path):
     """Baselines alone (a tuning grid of SASRec, say) have no M2Rec to test against: nothing to draw, no error."""
     quality.plot_effects({"tiny": {"_meta": {}, "sasrec": {}}}, tmp_path / "effects.png")
     assert not (tmp_path / "effects.png").exists()
+
+
+def test_a_pool_worker_ends_when_its_study_is_killed(tmp_path):
+    """SIGKILL reaches the study's process, not its pool workers: each ends on its own once its parent is gone,
+    instead of training on beside the resumed study and writing the same checkpoint."""
+    study = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import concurrent.futures, multiprocessing, os, sys, time
+        sys.path.insert(0, {str(BENCHMARKS)!r})
+        import quality
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=quality._init_worker, initargs=(1,))
+        print(pool.submit(os.getpid).result(), flush=True)
+        pool.submit(time.sleep, 300)  # a run in flight
+        time.sleep(300)
+        """)], stdout=subprocess.PIPE, text=True)
+    worker = int(study.stdout.readline())
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.2)
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the pool worker outlived its study"
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped by init, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
