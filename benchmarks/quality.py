@@ -42,12 +42,12 @@ from m2rec.data.prepared import PreparedDataset
 from m2rec.data.schema import RawDataset
 from m2rec.data.sources import SourceSpec, read_source
 from m2rec.evaluation.metrics import per_user_metrics
+from m2rec.model.cold_start import impute_untrained_embeddings
 from m2rec.model.config import PAPER_DESIGN, ModelParams, uses_text
 from m2rec.stages.prepare import prepare
 from m2rec.stages.train import evaluate_split, fit, text_matrix
 from m2rec.text.embeddings import TextEncoderParams, embed_texts
 from m2rec.training.batching import pad_right
-from m2rec.model.cold_start import impute_untrained_embeddings
 from m2rec.training.trainer import TrainParams, item_counts
 from m2rec.utils.atomic import atomic_write_bytes
 
