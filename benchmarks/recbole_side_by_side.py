@@ -50,6 +50,7 @@ RECBOLE = "recbole==1.2.1"
 RECBOLE_DEPS = ["colorlog==4.7.2", "colorama==0.4.4", "tensorboard", "thop", "tabulate", "texttable", "psutil"]
 PROTOCOL = {"max_length": 200, "hidden_size": 64, "layers": 2, "heads": 2, "dropout": 0.5, "learning_rate": 1e-3,
             "batch_size": 512, "k_core": 5, "stopping_step": 10}
+RECBOLE_EPOCHS = 300  # RecBole's default epoch cap: in practice its stopping rule ends the run
 log = logging.getLogger("recbole_side_by_side")
 
 # Runs inside the RecBole venv: argv[1] is a JSON of settings; prints one JSON line with the results.
@@ -119,7 +120,7 @@ def recbole_atomic_file(source: Path, root: Path) -> Path:
 def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, device: str,
                 wheels: Path | None = None) -> dict:
     """Train and test RecBole's SASRec at its defaults plus the shared protocol; returns its metrics."""
-    run_dir = work / f"recbole-seed{seed}"  # RecBole names checkpoints and logs by the second they start
+    run_dir = work / f"{recbole_side(epochs)}-seed{seed}"  # RecBole names its checkpoints by the second they start
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "data_path": str(recbole_atomic_file(source, work / "data")), "checkpoint_dir": str(run_dir / "saved"),
@@ -173,9 +174,16 @@ def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: i
 COMPARED = ("HR@10", "NDCG@10")
 
 
+def recbole_side(epochs: int) -> str:
+    """RecBole's runs are kept apart by epoch cap: at its default cap it trains until its stopping rule ends it;
+    a shorter cap (issue 15's reference ran 4 epochs) is another side, `recbole_sasrec_<N>_epochs`."""
+    return "recbole_sasrec" if epochs == RECBOLE_EPOCHS else f"recbole_sasrec_{epochs}_epochs"
+
+
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
-    """Each side's test HR@10 and NDCG@10 over its seeds (mean, std, min, max), and whether this project's mean
-    lies within RecBole's range over seeds (`within_recbole_range`, absent until both sides have two seeds)."""
+    """Each side's test HR@10 and NDCG@10 over its seeds (mean, std, min, max), and for each RecBole side whether
+    this project's mean lies within its range over seeds (`within_recbole_range`, keyed by RecBole side; a side
+    appears once it and this project's side have two seeds or more)."""
     summary: dict = {}
     for side, by_seed in runs.items():
         summary[side] = {"seeds": sorted(int(s) for s in by_seed)}
@@ -183,10 +191,12 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict:
             values = np.array([_metric(run["test"], metric) for run in by_seed.values()])
             summary[side][metric] = {"mean": float(values.mean()), "std": float(values.std()),
                                      "min": float(values.min()), "max": float(values.max())}
-    theirs, ours = summary.get("recbole_sasrec"), summary.get("m2rec_sasrec")
-    if theirs and ours and len(theirs["seeds"]) > 1 and len(ours["seeds"]) > 1:
-        summary["within_recbole_range"] = {m: theirs[m]["min"] <= ours[m]["mean"] <= theirs[m]["max"]
-                                           for m in COMPARED}
+    ours = summary.get("m2rec_sasrec")
+    within = {side: {m: theirs[m]["min"] <= ours[m]["mean"] <= theirs[m]["max"] for m in COMPARED}
+              for side, theirs in summary.items()
+              if side.startswith("recbole_sasrec") and ours and len(theirs["seeds"]) > 1 and len(ours["seeds"]) > 1}
+    if within:
+        summary["within_recbole_range"] = within
     return summary
 
 
@@ -215,7 +225,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("recbole", "m2rec"), help="run one side")
     parser.add_argument("--seed", type=int, default=42, help="the first seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed + 1, ...")
-    parser.add_argument("--epochs", type=int, default=300, help="epoch cap (RecBole's default: 300)")
+    parser.add_argument("--epochs", type=int, default=RECBOLE_EPOCHS,
+                        help=f"epoch cap (RecBole's default: {RECBOLE_EPOCHS}; RecBole runs at another cap are "
+                             "stored as their own side, recbole_sasrec_<N>_epochs)")
     parser.add_argument("--window-stride", type=int, help="this project's windows (default: not overlapping; 1: "
                                                           "every prefix, as RecBole, at about 100 times the work)")
     parser.add_argument("--batch-unit", choices=("targets", "windows"), default="targets",
@@ -233,7 +245,7 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.seeds):
         if args.only in (None, "recbole"):
             run = run_recbole(args.dataset, args.venv, args.work, seed, args.epochs, args.device, args.wheels)
-            results = merge(args.output, "recbole_sasrec", seed, run, command)
+            results = merge(args.output, recbole_side(args.epochs), seed, run, command)
         if args.only in (None, "m2rec"):
             run = run_m2rec(args.dataset, args.work, seed, args.epochs, args.window_stride, args.batch_unit,
                             args.device)

@@ -38,7 +38,7 @@ def test_parallel_runs_merge_into_one_file_and_none_is_lost(tmp_path):
     assert {side: sorted(seeds) for side, seeds in results["runs"].items()} == {
         "recbole_sasrec": ["42", "43", "44"], "m2rec_sasrec": ["42", "43", "44"]}
     assert results["summary"]["recbole_sasrec"]["HR@10"]["mean"] == pytest.approx(0.143)
-    assert results["summary"]["within_recbole_range"] == {"HR@10": True, "NDCG@10": True}
+    assert results["summary"]["within_recbole_range"] == {"recbole_sasrec": {"HR@10": True, "NDCG@10": True}}
 
 
 def test_parity_is_judged_against_recbole_seed_range_and_only_with_seeds_on_both_sides():
@@ -46,9 +46,24 @@ def test_parity_is_judged_against_recbole_seed_range_and_only_with_seeds_on_both
     close = {str(s): _run(hr, hr / 2, False) for s, hr in zip((42, 43, 44), (0.117, 0.121, 0.122))}
     below = {str(s): _run(hr, hr / 2, False) for s, hr in zip((42, 43, 44), (0.100, 0.104, 0.109))}
     summary = side_by_side.summarize({"recbole_sasrec": recbole, "m2rec_sasrec": close})
-    assert summary["within_recbole_range"] == {"HR@10": True, "NDCG@10": True}
+    assert summary["within_recbole_range"] == {"recbole_sasrec": {"HR@10": True, "NDCG@10": True}}
     assert summary["recbole_sasrec"]["HR@10"]["min"] == 0.118 and summary["m2rec_sasrec"]["seeds"] == [42, 43, 44]
     assert side_by_side.summarize({"recbole_sasrec": recbole, "m2rec_sasrec": below})["within_recbole_range"] == {
-        "HR@10": False, "NDCG@10": False}
+        "recbole_sasrec": {"HR@10": False, "NDCG@10": False}}
     assert "within_recbole_range" not in side_by_side.summarize({"recbole_sasrec": recbole,
                                                                  "m2rec_sasrec": {"42": close["42"]}})
+
+
+def test_recbole_runs_at_a_shorter_epoch_cap_are_their_own_side_and_judged_apart():
+    assert side_by_side.recbole_side(side_by_side.RECBOLE_EPOCHS) == "recbole_sasrec"
+    assert side_by_side.recbole_side(4) == "recbole_sasrec_4_epochs"
+    converged = {str(s): _run(hr, hr / 2, True) for s, hr in zip((42, 43, 44), (0.130, 0.133, 0.136))}
+    short = {str(s): _run(hr, hr / 2, True) for s, hr in zip((42, 43, 44), (0.110, 0.118, 0.125))}
+    ours = {str(s): _run(hr, hr / 2, False) for s, hr in zip((42, 43, 44), (0.112, 0.117, 0.121))}
+    summary = side_by_side.summarize({"recbole_sasrec": converged, "recbole_sasrec_4_epochs": short,
+                                      "m2rec_sasrec": ours})
+    assert summary["within_recbole_range"] == {"recbole_sasrec": {"HR@10": False, "NDCG@10": False},
+                                               "recbole_sasrec_4_epochs": {"HR@10": True, "NDCG@10": True}}
+    one_seed = side_by_side.summarize({"recbole_sasrec": {"42": converged["42"]}, "recbole_sasrec_4_epochs": short,
+                                       "m2rec_sasrec": ours})
+    assert set(one_seed["within_recbole_range"]) == {"recbole_sasrec_4_epochs"}
