@@ -20,7 +20,8 @@ Each (side, seed) run is merged into benchmarks/results/recbole_side_by_side.jso
 runs may go in parallel processes (benchmarks/device_study.sh starts one per side and seed on a lent GPU). The file
 holds each run's validation and test HR/NDCG/MRR@10/@20, best epoch, epochs run, seconds and configuration, and a
 summary: each side's mean, spread and range over seeds, and whether this project's mean test HR@10 and NDCG@10
-lie within RecBole's range over its seeds (the parity the quality issue asks for).
+lie within RecBole's range over its seeds (the parity the quality issue asks for). RecBole runs at a shorter epoch
+cap than its default 300 are stored as their own side, `recbole_sasrec_<N>_epochs`, and judged apart.
 """
 
 from __future__ import annotations
