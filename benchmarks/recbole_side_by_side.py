@@ -20,8 +20,9 @@ Each (side, seed) run is merged into benchmarks/results/recbole_side_by_side.jso
 runs may go in parallel processes (benchmarks/device_study.sh starts one per side and seed on a lent GPU). The file
 holds each run's validation and test HR/NDCG/MRR@10/@20, best epoch, epochs run, seconds and configuration, and a
 summary: each side's mean, spread and range over seeds, and whether this project's mean test HR@10 and NDCG@10
-lie within RecBole's range over its seeds (the parity the quality issue asks for). RecBole runs at a shorter epoch
-cap than its default 300 are stored as their own side, `recbole_sasrec_<N>_epochs`, and judged apart.
+lie within RecBole's range over its seeds (the parity the quality issue asks for). Runs at a shorter epoch cap
+than the default 300 are stored as their own side (`recbole_sasrec_<N>_epochs`, `m2rec_sasrec_<N>_epochs`), never
+mixed with runs that their stopping rule ended; RecBole's are judged apart.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -51,7 +53,7 @@ RECBOLE = "recbole==1.2.1"
 RECBOLE_DEPS = ["colorlog==4.7.2", "colorama==0.4.4", "tensorboard", "thop", "tabulate", "texttable", "psutil"]
 PROTOCOL = {"max_length": 200, "hidden_size": 64, "layers": 2, "heads": 2, "dropout": 0.5, "learning_rate": 1e-3,
             "batch_size": 512, "k_core": 5, "stopping_step": 10}
-RECBOLE_EPOCHS = 300  # RecBole's default epoch cap: in practice its stopping rule ends the run
+RECBOLE_EPOCHS = 300  # RecBole's default epoch cap, both sides' default: in practice the stopping rule ends a run
 log = logging.getLogger("recbole_side_by_side")
 
 # Runs inside the RecBole venv: argv[1] is a JSON of settings; prints one JSON line with the results.
@@ -121,7 +123,7 @@ def recbole_atomic_file(source: Path, root: Path) -> Path:
 def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, device: str,
                 wheels: Path | None = None) -> dict:
     """Train and test RecBole's SASRec at its defaults plus the shared protocol; returns its metrics."""
-    run_dir = work / f"{recbole_side(epochs)}-seed{seed}"  # RecBole names its checkpoints by the second they start
+    run_dir = work / f"{side_name('recbole', epochs)}-seed{seed}"  # RecBole names checkpoints by the second
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "data_path": str(recbole_atomic_file(source, work / "data")), "checkpoint_dir": str(run_dir / "saved"),
@@ -166,7 +168,7 @@ def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: i
                            batch_unit=batch_unit, seed=seed, window_stride=window_stride, device=device,
                            progress=False)
     started = time.time()
-    metrics = train(data, work / f"m2rec-sasrec-seed{seed}", "sasrec", model, training)
+    metrics = train(data, work / f"{side_name('m2rec', epochs)}-seed{seed}", "sasrec", model, training)
     return {"valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
             "epochs_run": metrics["epochs_run"], "wall_seconds": round(time.time() - started),
             "train_params": training.__dict__}
@@ -175,10 +177,10 @@ def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: i
 COMPARED = ("HR@10", "NDCG@10")
 
 
-def recbole_side(epochs: int) -> str:
-    """RecBole's runs are kept apart by epoch cap: at its default cap it trains until its stopping rule ends it;
-    a shorter cap (issue 15's reference ran 4 epochs) is another side, `recbole_sasrec_<N>_epochs`."""
-    return "recbole_sasrec" if epochs == RECBOLE_EPOCHS else f"recbole_sasrec_{epochs}_epochs"
+def side_name(side: Literal["recbole", "m2rec"], epochs: int) -> str:
+    """A side's runs are kept apart by epoch cap: at the default cap the stopping rule ends a run (`recbole_sasrec`,
+    `m2rec_sasrec`); a shorter cap (issue 15's RecBole reference ran 4 epochs) is another side, `<side>_<N>_epochs`."""
+    return f"{side}_sasrec" if epochs == RECBOLE_EPOCHS else f"{side}_sasrec_{epochs}_epochs"
 
 
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
@@ -192,10 +194,10 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict:
             values = np.array([_metric(run["test"], metric) for run in by_seed.values()])
             summary[side][metric] = {"mean": float(values.mean()), "std": float(values.std()),
                                      "min": float(values.min()), "max": float(values.max())}
-    ours = summary.get("m2rec_sasrec")
+    ours, recbole = summary.get(side_name("m2rec", RECBOLE_EPOCHS)), side_name("recbole", RECBOLE_EPOCHS)
     within = {side: {m: theirs[m]["min"] <= ours[m]["mean"] <= theirs[m]["max"] for m in COMPARED}
               for side, theirs in summary.items()
-              if side.startswith("recbole_sasrec") and ours and len(theirs["seeds"]) > 1 and len(ours["seeds"]) > 1}
+              if side.startswith(recbole) and ours and len(theirs["seeds"]) > 1 and len(ours["seeds"]) > 1}
     if within:
         summary["within_recbole_range"] = within
     return summary
@@ -227,8 +229,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="the first seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed + 1, ...")
     parser.add_argument("--epochs", type=int, default=RECBOLE_EPOCHS,
-                        help=f"epoch cap (RecBole's default: {RECBOLE_EPOCHS}; RecBole runs at another cap are "
-                             "stored as their own side, recbole_sasrec_<N>_epochs)")
+                        help=f"epoch cap (RecBole's default: {RECBOLE_EPOCHS}; runs at another cap are stored as "
+                             "their own side, <side>_sasrec_<N>_epochs)")
     parser.add_argument("--window-stride", type=int, help="this project's windows (default: not overlapping; 1: "
                                                           "every prefix, as RecBole, at about 100 times the work)")
     parser.add_argument("--batch-unit", choices=("targets", "windows"), default="targets",
@@ -246,11 +248,11 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.seeds):
         if args.only in (None, "recbole"):
             run = run_recbole(args.dataset, args.venv, args.work, seed, args.epochs, args.device, args.wheels)
-            results = merge(args.output, recbole_side(args.epochs), seed, run, command)
+            results = merge(args.output, side_name("recbole", args.epochs), seed, run, command)
         if args.only in (None, "m2rec"):
             run = run_m2rec(args.dataset, args.work, seed, args.epochs, args.window_stride, args.batch_unit,
                             args.device)
-            results = merge(args.output, "m2rec_sasrec", seed, run, command)
+            results = merge(args.output, side_name("m2rec", args.epochs), seed, run, command)
     print(json.dumps(results.get("summary", {}), indent=2))
 
 

@@ -54,9 +54,11 @@ def test_parity_is_judged_against_recbole_seed_range_and_only_with_seeds_on_both
                                                                  "m2rec_sasrec": {"42": close["42"]}})
 
 
-def test_recbole_runs_at_a_shorter_epoch_cap_are_their_own_side_and_judged_apart():
-    assert side_by_side.recbole_side(side_by_side.RECBOLE_EPOCHS) == "recbole_sasrec"
-    assert side_by_side.recbole_side(4) == "recbole_sasrec_4_epochs"
+def test_runs_at_a_shorter_epoch_cap_are_their_own_side_and_recbole_sides_are_judged_apart():
+    assert side_by_side.side_name("recbole", side_by_side.RECBOLE_EPOCHS) == "recbole_sasrec"
+    assert side_by_side.side_name("recbole", 4) == "recbole_sasrec_4_epochs"
+    assert side_by_side.side_name("m2rec", side_by_side.RECBOLE_EPOCHS) == "m2rec_sasrec"
+    assert side_by_side.side_name("m2rec", 4) == "m2rec_sasrec_4_epochs"  # never mixed with its converged runs
     converged = {str(s): _run(hr, hr / 2, True) for s, hr in zip((42, 43, 44), (0.130, 0.133, 0.136))}
     short = {str(s): _run(hr, hr / 2, True) for s, hr in zip((42, 43, 44), (0.110, 0.118, 0.125))}
     ours = {str(s): _run(hr, hr / 2, False) for s, hr in zip((42, 43, 44), (0.112, 0.117, 0.121))}
