@@ -44,11 +44,11 @@ run() {
     export PYTHONPATH="/tmp/site:$PWD"
     mkdir -p benchmarks/.cache/data && cp -r "$DEVICE_DIR"/data/. benchmarks/.cache/data/
     nvidia-smi -L > "$OUT/device.txt" 2>&1 || true
-    for seed in 42 43 44; do  # the side by side beside the study, two CPU threads a run
-        for side in recbole m2rec; do
+    for seed in 42 43 44; do  # the side by side beside the study, two CPU threads a run; stored runs are skipped,
+        for side in recbole m2rec; do  # and a RecBole run continues from its committed progress, pausing in time
             OMP_NUM_THREADS=2 timeout "$BUDGET" $PY benchmarks/recbole_side_by_side.py --only "$side" \
                 --seed "$seed" --seeds 1 --device cuda --wheels "$DEVICE_DIR/wheels/recbole" \
-                --dataset "$DEVICE_DIR/ml-100k" >> "$OUT/recbole.log" 2>&1 &
+                --time-budget "$((BUDGET * 4 / 5))" --dataset "$DEVICE_DIR/ml-100k" >> "$OUT/recbole.log" 2>&1 &
         done
     done
     {  # one open log for the study, its workers and the note (a second opening would overwrite lines)
@@ -58,6 +58,8 @@ run() {
     wait || true
     tar -czf "$OUT/quality_runs.tar.gz" -C benchmarks/results quality_runs/amazon-games
     cp benchmarks/results/recbole_side_by_side.json "$OUT/" 2>/dev/null || true
+    mkdir -p benchmarks/results/recbole_progress  # the unfinished RecBole runs, as they stand now
+    tar -czf "$OUT/recbole_progress.tar.gz" -C benchmarks/results recbole_progress
     ls -la "$OUT"
 }
 
@@ -65,6 +67,10 @@ unpack() {
     local from=${1:?give the folder where the device run put its files (files_at)}
     tar -xzf "$from/quality_runs.tar.gz" -C benchmarks/results --skip-old-files
     if [ -f "$from/recbole_side_by_side.json" ]; then cp "$from/recbole_side_by_side.json" benchmarks/results/; fi
+    if [ -f "$from/recbole_progress.tar.gz" ]; then  # the device carried the committed progress further
+        rm -rf benchmarks/results/recbole_progress
+        tar -xzf "$from/recbole_progress.tar.gz" -C benchmarks/results
+    fi
     git status --short benchmarks/results
 }
 

@@ -23,6 +23,16 @@ summary: each side's mean, spread and range over seeds, and whether this project
 lie within RecBole's range over its seeds (the parity the quality issue asks for). Runs at a shorter epoch cap
 than the default 300 are stored as their own side (`recbole_sasrec_<N>_epochs`, `m2rec_sasrec_<N>_epochs`), never
 mixed with runs that their stopping rule ended; RecBole's are judged apart.
+
+A RecBole run keeps its whole state after every epoch in `--progress` (benchmarks/results/recbole_progress, in
+torch's tensor-only format) and continues from there when started again; with `--time-budget SECONDS` it pauses
+after the last epoch that fits. A converged RecBole run takes about 9 CPU hours, so on the CPU it goes over several
+sessions: each one runs the same command with a budget and commits the progress files; the file of a run that
+ended is removed once its result is merged. A resumed run is the run an uninterrupted one would have been (same
+losses and metrics; tests/test_recbole_side_by_side_benchmark.py). RecBole 1.2.1 reads the ml-100k it ships,
+whatever `data_path` says; the script refuses to run unless that copy holds the ratings of `--dataset`.
+
+    python benchmarks/recbole_side_by_side.py --only recbole --seed 42 --seeds 1 --time-budget 7200
 """
 
 from __future__ import annotations
@@ -31,7 +41,6 @@ import argparse
 import fcntl
 import json
 import logging
-import os
 import subprocess
 import sys
 import sysconfig
@@ -56,35 +65,88 @@ PROTOCOL = {"max_length": 200, "hidden_size": 64, "layers": 2, "heads": 2, "drop
 RECBOLE_EPOCHS = 300  # RecBole's default epoch cap, both sides' default: in practice the stopping rule ends a run
 log = logging.getLogger("recbole_side_by_side")
 
-# Runs inside the RecBole venv: argv[1] is a JSON of settings; prints one JSON line with the results.
-RECBOLE_DRIVER = r'''
-import json, sys, time
+# Runs inside the RecBole venv: argv[1] is a JSON of settings; prints one JSON line, `RESULT {...}` when the run
+# ended or `PAUSED {...}` when its time budget would not hold another epoch. After every epoch the run's state
+# (weights, optimizer, best weights, early-stopping counters, both random generators, each epoch's loss, validation
+# NDCG@10, seconds and threads) goes to `progress_file` in torch's tensor-only format (read back with
+# weights_only=True); a rerun continues from it where it stopped, and gives the run an uninterrupted one gives.
+RECBOLE_DRIVER = r"""
+import json, os, sys, time
 import numpy as np
 # RecBole 1.2.1 aliases names that numpy 2 removed (np.float_, np.complex_, np.unicode_): put them back first.
 for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
     if not hasattr(np, old):
         setattr(np, old, new)
+import torch
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
+
+class Paused(Exception):
+    "The time budget would not hold another epoch; the progress file holds the run so far."
+
+
 settings = json.loads(sys.argv[1])
-config = Config(model="SASRec", dataset="ml-100k", config_dict=settings)
+name, progress_file, budget = settings.pop("dataset"), settings.pop("progress_file"), settings.pop("time_budget")
+config = Config(model="SASRec", dataset=name, config_dict=settings)
 init_seed(config["seed"], config["reproducibility"])
 init_logger(config)
 dataset = create_dataset(config)
 train_data, valid_data, test_data = data_preparation(config, dataset)
 model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
 trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-started = time.time()
-best_valid, valid_result = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
-epochs_run = len(trainer.train_loss_dict)  # one entry per epoch trained
-print("RESULT " + json.dumps({"valid": dict(valid_result), "test": dict(test_result),
-                              "best_epoch": epochs_run - trainer.cur_step,  # cur_step: epochs since the best
-                              "epochs_run": epochs_run, "seconds": time.time() - started,
+if os.path.exists(progress_file):
+    progress = torch.load(progress_file, map_location="cpu", weights_only=True)  # rng states stay on the CPU
+    model.load_state_dict(progress["model"])
+    trainer.optimizer.load_state_dict(progress["optimizer"])
+    trainer.start_epoch, trainer.cur_step = progress["epoch"] + 1, progress["cur_step"]
+    trainer.best_valid_score, trainer.best_valid_result = progress["best_valid_score"], progress["best_valid_result"]
+    torch.set_rng_state(progress["rng"])  # dropout
+    train_data.generator.set_state(progress["loader_rng"])  # the order of training examples
+else:
+    progress = {"epoch": -1, "epochs": []}
+started = last = time.time()
+
+
+def ended():
+    return trainer.cur_step > trainer.stopping_step or progress["epoch"] + 1 >= trainer.epochs
+
+
+def save_progress(epoch, valid_score):
+    global last
+    now, seconds = time.time(), time.time() - last
+    last = now
+    if trainer.cur_step == 0:  # this epoch is the best so far
+        progress["best_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    progress["epochs"].append({"epoch": epoch + 1, "loss": float(trainer.train_loss_dict[epoch]),
+                               "valid_ndcg10": float(valid_score), "seconds": seconds,
+                               "threads": torch.get_num_threads()})
+    progress.update(model=model.state_dict(), optimizer=trainer.optimizer.state_dict(), epoch=epoch,
+                    cur_step=trainer.cur_step, best_valid_score=float(trainer.best_valid_score),
+                    best_valid_result={k: float(v) for k, v in trainer.best_valid_result.items()},
+                    rng=torch.get_rng_state(), loader_rng=train_data.generator.get_state())
+    torch.save(progress, progress_file + ".tmp")
+    os.replace(progress_file + ".tmp", progress_file)
+    if budget is not None and not ended() and now - started + seconds > budget:
+        raise Paused()
+
+
+if not ended():
+    try:
+        trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=save_progress)
+    except Paused:
+        print("PAUSED " + json.dumps({"epochs_run": progress["epoch"] + 1, "cur_step": progress["cur_step"]}))
+        sys.exit(0)
+model.load_state_dict(progress["best_model"])
+test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+epochs_run = progress["epoch"] + 1
+print("RESULT " + json.dumps({"valid": progress["best_valid_result"], "test": dict(test_result),
+                              "best_epoch": epochs_run - progress["cur_step"],  # cur_step: epochs since the best
+                              "epochs_run": epochs_run, "seconds": sum(e["seconds"] for e in progress["epochs"]),
+                              "epochs": progress["epochs"],
                               "users": int(dataset.user_num - 1), "items": int(dataset.item_num - 1)}))
-'''
+"""
 
 
 def recbole_python(venv: Path, wheels: Path | None = None) -> Path:
@@ -109,24 +171,43 @@ def recbole_python(venv: Path, wheels: Path | None = None) -> Path:
     return python
 
 
-def recbole_atomic_file(source: Path, root: Path) -> Path:
-    """ml-100k's u.data as RecBole's atomic `ml-100k.inter` under `root/ml-100k` (RecBole filters it itself)."""
-    target = root / "ml-100k" / "ml-100k.inter"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ratings = pd.read_csv(source / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
-        ratings.columns = ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]
-        atomic_write_bytes(target, ratings.to_csv(sep="\t", index=False).encode())  # parallel runs may write it
-    return root
+def recbole_ml100k(python: Path, source: Path) -> None:
+    """Refuse to run unless the ml-100k that RecBole reads holds the same ratings as `source/u.data`: for a dataset
+    named ml-100k, RecBole 1.2.1 reads the copy it ships (`recbole/dataset_example`) whatever `data_path` says."""
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    bundled = Path(purelib, "recbole", "dataset_example", "ml-100k", "ml-100k.inter")
+    columns = ["user_id", "item_id", "rating", "timestamp"]
+    theirs = pd.read_csv(bundled, sep="\t", header=0, names=columns).sort_values(columns, ignore_index=True)
+    ours = pd.read_csv(source / "u.data", sep="\t", names=columns).sort_values(columns, ignore_index=True)
+    if not theirs.equals(ours):
+        raise ValueError(f"--dataset: {source / 'u.data'} is not the ml-100k RecBole reads ({bundled}); pass the "
+                         "folder of the GroupLens ml-100k release")
 
 
-def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, device: str,
-                wheels: Path | None = None) -> dict:
-    """Train and test RecBole's SASRec at its defaults plus the shared protocol; returns its metrics."""
-    run_dir = work / f"{side_name('recbole', epochs)}-seed{seed}"  # RecBole names checkpoints by the second
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "data_path": str(recbole_atomic_file(source, work / "data")), "checkpoint_dir": str(run_dir / "saved"),
+def drive_recbole(python: Path, settings: dict, progress: Path, time_budget: float | None, cwd: Path) -> dict | None:
+    """Run RecBole's SASRec with `settings` (RecBole's configuration plus `dataset`, its name) in the RecBole venv;
+    returns its metrics, or None when `time_budget` seconds would not hold another epoch. The run continues from
+    `progress` (its state after its last epoch) when that file exists, and brings it up to date after every epoch."""
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    log.info("RecBole seed %d: %s %s", settings["seed"], "continuing from" if progress.exists() else "progress in",
+             progress)
+    driven = {**settings, "progress_file": str(progress.resolve()), "time_budget": time_budget}
+    done = subprocess.run([str(python), "-c", RECBOLE_DRIVER, json.dumps(driven)], cwd=cwd, stdout=subprocess.PIPE,
+                          text=True, check=True)
+    status, _, payload = next(line for line in done.stdout.splitlines()
+                              if line.startswith(("RESULT ", "PAUSED "))).partition(" ")
+    if status == "PAUSED":
+        log.info("RecBole seed %d paused by its time budget: %s; the same command continues it", settings["seed"],
+                 payload)
+        return None
+    return json.loads(payload)
+
+
+def recbole_settings(seed: int, epochs: int, device: str, checkpoint_dir: Path) -> dict:
+    """RecBole's configuration for its SASRec on ml-100k under the shared protocol (its defaults elsewhere)."""
+    return {
+        "dataset": "ml-100k", "checkpoint_dir": str(checkpoint_dir),
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "user_inter_num_interval": f"[{PROTOCOL['k_core']},inf)",
@@ -138,12 +219,18 @@ def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, de
         "stopping_step": PROTOCOL["stopping_step"], "epochs": epochs, "seed": seed, "use_gpu": device == "cuda",
         "show_progress": False,
     }
-    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # RecBole reloads its own pickled checkpoint
-    started = time.time()
-    done = subprocess.run([str(recbole_python(venv, wheels)), "-c", RECBOLE_DRIVER, json.dumps(settings)], env=env,
-                          cwd=run_dir, stdout=subprocess.PIPE, text=True, check=True)
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return {**result, "wall_seconds": round(time.time() - started), "settings": settings}
+
+
+def run_recbole(source: Path, venv: Path, work: Path, seed: int, epochs: int, device: str, progress: Path,
+                time_budget: float | None = None, wheels: Path | None = None) -> dict | None:
+    """Train and test RecBole's SASRec on ml-100k at its defaults plus the shared protocol (see `drive_recbole`)."""
+    python = recbole_python(venv, wheels)
+    recbole_ml100k(python, source)
+    run_dir = work / f"{side_name('recbole', epochs)}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = recbole_settings(seed, epochs, device, run_dir / "saved")
+    result = drive_recbole(python, settings, progress, time_budget, run_dir)
+    return None if result is None else {**result, "settings": settings}
 
 
 def run_m2rec(source: Path, work: Path, seed: int, epochs: int, window_stride: int | None, batch_unit: BatchUnit,
@@ -208,6 +295,14 @@ def _metric(metrics: dict, name: str) -> float:
     return float({k.lower().replace("hit@", "hr@"): v for k, v in metrics.items()}[name.lower()])
 
 
+def stored(output: Path, side: str, seed: int) -> bool:
+    """Whether `output` holds the run of `side` with `seed` (it is then not run again; delete it there to rerun)."""
+    done = output.exists() and str(seed) in json.loads(output.read_text()).get("runs", {}).get(side, {})
+    if done:
+        log.info("%s seed %d is stored in %s: not run again", side, seed, output)
+    return done
+
+
 def merge(output: Path, side: str, seed: int, result: dict, command: str) -> dict:
     """Add one run to the results file under a lock (parallel runs write the same file) and refresh its summary."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -239,21 +334,31 @@ def main() -> None:
     parser.add_argument("--wheels", type=Path, help="install RecBole offline from the wheels in this folder")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recbole-side-by-side"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--progress", type=Path, default=RESULTS / "recbole_progress",
+                        help="where a RecBole run keeps its state after every epoch, and continues from (committed "
+                             "while a run is unfinished, so that a later session carries it on)")
+    parser.add_argument("--time-budget", type=float, help="seconds: a RecBole run pauses after the epoch past which "
+                                                          "another would not fit; rerun to continue")
     parser.add_argument("--output", type=Path, default=RESULTS / "recbole_side_by_side.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.work.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    results: dict = {}
+    recbole, ours = side_name("recbole", args.epochs), side_name("m2rec", args.epochs)
     for seed in range(args.seed, args.seed + args.seeds):
-        if args.only in (None, "recbole"):
-            run = run_recbole(args.dataset, args.venv, args.work, seed, args.epochs, args.device, args.wheels)
-            results = merge(args.output, side_name("recbole", args.epochs), seed, run, command)
-        if args.only in (None, "m2rec"):
+        if args.only in (None, "recbole") and not stored(args.output, recbole, seed):
+            progress = args.progress / f"{recbole}-seed{seed}.pt"
+            run = run_recbole(args.dataset, args.venv, args.work, seed, args.epochs, args.device, progress,
+                              args.time_budget, args.wheels)
+            if run is not None:
+                merge(args.output, recbole, seed, run, command)
+                progress.unlink()
+        if args.only in (None, "m2rec") and not stored(args.output, ours, seed):
             run = run_m2rec(args.dataset, args.work, seed, args.epochs, args.window_stride, args.batch_unit,
                             args.device)
-            results = merge(args.output, side_name("m2rec", args.epochs), seed, run, command)
-    print(json.dumps(results.get("summary", {}), indent=2))
+            merge(args.output, ours, seed, run, command)
+    if args.output.exists():
+        print(json.dumps(json.loads(args.output.read_text())["summary"], indent=2))
 
 
 if __name__ == "__main__":
