@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from m2rec.training.batching import BatchUnit
-from m2rec.utils.atomic import atomic_write_bytes, atomic_write_json
+from m2rec.utils.atomic import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -149,6 +149,12 @@ print("RESULT " + json.dumps({"valid": progress["best_valid_result"], "test": di
 """
 
 
+def site_packages(python: Path) -> str:
+    """The site-packages folder of the venv whose interpreter is `python`."""
+    return subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
 def recbole_python(venv: Path, wheels: Path | None = None) -> Path:
     """The RecBole venv's interpreter, creating the venv and installing RecBole there when missing (from PyPI, or
     offline from the wheels in `wheels`); one process installs while parallel ones wait on a lock."""
@@ -161,9 +167,7 @@ def recbole_python(venv: Path, wheels: Path | None = None) -> Path:
             return python
         log.info("installing %s into %s%s", RECBOLE, venv, f" from {wheels}" if wheels else "")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 check=True, capture_output=True, text=True).stdout.strip()
-        Path(purelib, "borrowed-from-m2rec.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        Path(site_packages(python), "borrowed-from-m2rec.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         pip = [str(python), "-m", "pip", "install", "--quiet", *(["--no-index", "--find-links", str(wheels)]
                                                                   if wheels else [])]
         subprocess.run(pip + ["--no-deps", RECBOLE], check=True)  # its ray pin is for hyperparameter search only
@@ -174,9 +178,7 @@ def recbole_python(venv: Path, wheels: Path | None = None) -> Path:
 def recbole_ml100k(python: Path, source: Path) -> None:
     """Refuse to run unless the ml-100k that RecBole reads holds the same ratings as `source/u.data`: for a dataset
     named ml-100k, RecBole 1.2.1 reads the copy it ships (`recbole/dataset_example`) whatever `data_path` says."""
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    bundled = Path(purelib, "recbole", "dataset_example", "ml-100k", "ml-100k.inter")
+    bundled = Path(site_packages(python), "recbole", "dataset_example", "ml-100k", "ml-100k.inter")
     columns = ["user_id", "item_id", "rating", "timestamp"]
     theirs = pd.read_csv(bundled, sep="\t", header=0, names=columns).sort_values(columns, ignore_index=True)
     ours = pd.read_csv(source / "u.data", sep="\t", names=columns).sort_values(columns, ignore_index=True)
