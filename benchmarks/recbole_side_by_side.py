@@ -115,8 +115,8 @@ def ended():
 
 def save_progress(epoch, valid_score):
     global last
-    now, seconds = time.time(), time.time() - last
-    last = now
+    now = time.time()
+    seconds, last = now - last, now
     if trainer.cur_step == 0:  # this epoch is the best so far
         progress["best_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     progress["epochs"].append({"epoch": epoch + 1, "loss": float(trainer.train_loss_dict[epoch]),
